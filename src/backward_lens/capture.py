@@ -205,6 +205,11 @@ def _accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
+def _by_position(t: Tensor, batch_shape: tuple[int, int]) -> Tensor:
+    """[B, T, w] view of an activation (OPT flattens its MLP inputs to [B*T, w])."""
+    return t.reshape(*batch_shape, t.shape[-1])
+
+
 def capture_requests(
     lm: LensModel,
     requests: Sequence[EncodedRequest],
@@ -262,10 +267,14 @@ def capture_requests(
             )
     finally:
         recorder.remove()
+    batch_shape = (len(requests), width)
     grad_of = {
-        k: (g if g is not None else torch.zeros_like(recorder.outputs[k]))
+        k: g if g is not None else torch.zeros_like(recorder.outputs[k])
         for k, g in zip(unique_keys, grads)
     }
+    head_vjp = grad_of.pop(recorder.head_key)  # [B, m or T, d]
+    grad_of = {k: _by_position(g, batch_shape) for k, g in grad_of.items()}
+    x_of = {k: _by_position(x, batch_shape) for k, x in recorder.inputs.items()}
 
     captures = []
     for b, r in enumerate(requests):
@@ -278,7 +287,7 @@ def capture_requests(
                 delta = delta[:, res.part.to(delta.device)]
             gradients[res.name].append(
                 LowRankGradient(
-                    recorder.inputs[key][b, start:], delta, res.layout, res.layer, res.name
+                    x_of[key][b, start:], delta, res.layout, res.layer, res.name
                 )
             )
         m = r.n_loss_positions
@@ -288,7 +297,7 @@ def capture_requests(
                 tokens=lm.decode(list(r.input_ids)),
                 loss=float(losses[b].detach()),
                 logits=logits[b, n_keep - m :].detach(),
-                head_vjp=grad_of[recorder.head_key][b, -m:].detach(),
+                head_vjp=head_vjp[b, -m:].detach(),
                 gradients=gradients,
                 layers=layer_ids,
             )

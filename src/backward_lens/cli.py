@@ -1,0 +1,63 @@
+"""``backward-lens`` command line: one module per subcommand under ``backward_lens.commands``.
+
+A user mistake (a :class:`~backward_lens.errors.BackwardLensError`) prints one line and exits 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from backward_lens.errors import BackwardLensError
+
+COMMANDS = ["explain", "study", "edit", "evaluate", "sweep", "serve"]
+"""Subcommand modules in ``backward_lens.commands``; each has NAME, HELP, DESCRIPTION,
+``add_arguments(parser)`` and ``run(args) -> int``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backward-lens",
+        description=(
+            "Read what a language model's gradients will teach each layer, in words "
+            "(Backward Lens, Katz et al., EMNLP 2024), and edit facts in one forward pass."
+        ),
+        epilog="Run 'backward-lens COMMAND --help' for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"backward_lens.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"backward_lens.commands.{name}":
+                continue  # a command not built yet
+            raise
+        p = sub.add_parser(
+            module.NAME,
+            help=module.HELP,
+            description=module.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except BackwardLensError as exc:
+        print(f"backward-lens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("backward-lens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``backward-lens`` CLI (see ``backward_lens.cli``)."""
