@@ -1,0 +1,80 @@
+"""Per-model default hyper-parameters of the editors.
+
+Looked up by model name (built-in name or the last part of a hub id / folder), then by
+``model_type``; models not listed get layers placed at the same relative depth as the paper's
+GPT-2 xl settings (forward pass shift at layer 35 of 48, ROME at 17 of 48, FT at 0 and 35).
+
+The GPT-2 xl values are the paper's (spec §5.3, §6.3). The SmolLM2 and Gemma values are
+provisional until the sweep (``backward-lens sweep``) picks them on a held-out split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backward_lens.models import LensModel
+
+# Relative depths of the paper's GPT-2 xl choices (0-indexed layer / number of layers).
+SHIFT_DEPTH = 35 / 48
+ROME_DEPTH = 17 / 48
+
+MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt2-xl": {
+        "shift": {"layer": 35, "eta": 0.24},
+        "rome": {"layer": 17},
+        "memit": {"layers": [13, 14, 15, 16, 17]},
+        "ft-early": {"layer": 0},
+        "ft-late": {"layer": 35},
+    },
+    "smollm2-135m": {
+        "shift": {"layer": 21, "eta": 0.02},
+        "rome": {"layer": 6},
+        "memit": {"layers": [3, 4, 5, 6, 7]},
+        "ft-early": {"layer": 0},
+        "ft-late": {"layer": 21},
+    },
+    "gemma3-270m": {
+        "shift": {"layer": 13, "eta": 0.02},
+        "rome": {"layer": 4},
+        "memit": {"layers": [2, 3, 4, 5]},
+        "ft-early": {"layer": 0},
+        "ft-late": {"layer": 13},
+    },
+}
+"""model name -> method -> hyper-parameters."""
+
+_FALLBACK_ETA = 0.24
+
+
+def model_key(lm: LensModel) -> str | None:
+    name = lm.name.rstrip("/").split("/")[-1].lower()
+    if name.endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    if name in MODEL_DEFAULTS:
+        return name
+    for key in MODEL_DEFAULTS:
+        if name.startswith(key):
+            return key
+    return None
+
+
+def _relative(lm: LensModel, depth: float) -> int:
+    return min(lm.n_layers - 1, max(0, round(depth * lm.n_layers)))
+
+
+def editor_defaults(lm: LensModel, method: str) -> dict[str, Any]:
+    """Default hyper-parameters of ``method`` (``shift``, ``rome``, ``memit``, ``ft-early``,
+    ``ft-late``) for ``lm``."""
+    key = model_key(lm)
+    if key is not None and method in MODEL_DEFAULTS[key]:
+        return dict(MODEL_DEFAULTS[key][method])
+    shift_layer = _relative(lm, SHIFT_DEPTH)
+    rome_layer = _relative(lm, ROME_DEPTH)
+    fallback: dict[str, dict[str, Any]] = {
+        "shift": {"layer": shift_layer, "eta": _FALLBACK_ETA},
+        "rome": {"layer": rome_layer},
+        "memit": {"layers": list(range(max(0, rome_layer - 4), rome_layer + 1))},
+        "ft-early": {"layer": 0},
+        "ft-late": {"layer": shift_layer},
+    }
+    return dict(fallback.get(method, {}))

@@ -1,0 +1,7 @@
+"""Importing this module registers every built-in editor with :func:`get_editor`."""
+
+from __future__ import annotations
+
+from backward_lens.editing import shift  # noqa: F401
+
+__all__ = ["shift"]

@@ -1,0 +1,80 @@
+"""Static figures (matplotlib, no network): the paper's Fig. 4 table-heatmaps for an explanation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backward_lens.io import atomic_write
+
+if TYPE_CHECKING:
+    from backward_lens.explain import Explanation
+
+
+def _short(token: str, width: int = 9) -> str:
+    token = token.replace("\n", "\\n")
+    return token if len(token) <= width else token[: width - 1] + "…"
+
+
+def figure_explanation(expl: Explanation) -> Any:
+    """Two panels, layers x prompt tokens: FF1 (top token of x_i, colour ||x_i||) and FF2
+    (bottom token of delta_i, colour ||delta_i||); the gradient's rank is printed per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n_layers, n = len(expl.layers), len(expl.tokens)
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * (1.5 + 0.95 * n), 1.2 + 0.28 * n_layers), squeeze=False
+    )
+    panels = [
+        ("ff1", "top", "FF1: most probable token of x_i (colour: ||x_i||)", "Blues"),
+        ("ff2", "bottom", "FF2: least probable token of δ_i (colour: ||δ_i||)", "Reds"),
+    ]
+    for ax, (name, side, title, cmap) in zip(axes[0], panels):
+        norms = np.array(expl.grid(name, "norm"), dtype=float)
+        words = expl.grid(name, side)
+        ax.imshow(norms, aspect="auto", cmap=cmap, origin="lower")
+        for li in range(n_layers):
+            for i in range(n):
+                tokens = words[li][i]
+                ax.text(
+                    i,
+                    li,
+                    _short(tokens[0] if tokens else ""),
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                )
+        ax.set_xticks(
+            range(n), [_short(t, 10) for t in expl.tokens], rotation=45, ha="right", fontsize=7
+        )
+        ranks = [getattr(lr, name).rank for lr in expl.layers]
+        ax.set_yticks(
+            range(n_layers),
+            [f"{lr.layer} (r={r})" for lr, r in zip(expl.layers, ranks)],
+            fontsize=6.5,
+        )
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("layer (gradient rank)", fontsize=8)
+    lens = "normalised lens" if expl.normalized else "logit lens"
+    fig.suptitle(
+        f"{expl.model}: {expl.prompt!r} → {expl.target['token']!r} "
+        f"(model says {expl.prediction['token']!r}, loss {expl.loss:.2f}; {lens})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def save_explanation_png(expl: Explanation, path: str | Path, dpi: int = 110) -> Path:
+    """Write the Fig. 4-style heatmap as a PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = figure_explanation(expl)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)

@@ -1,0 +1,136 @@
+"""Figs. 5, 16, 17: where the update lives: mean ||delta_i|| (FF2 VJPs) and ||x_i|| (FF1 inputs)
+per prompt segment and layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from backward_lens.capture import Capture
+from backward_lens.models import LensModel
+from backward_lens.study.base import (
+    Aggregate,
+    Experiment,
+    Item,
+    StudyOptions,
+    as_array,
+    layer_axis,
+    ordered_segments,
+    rounded,
+    segment_means,
+)
+from backward_lens.study.figures import heatmap, pyplot
+from backward_lens.study.segments import SEGMENT_LABELS
+
+
+class NormsExperiment(Experiment):
+    name = "norms"
+    title = "VJP and input norms per prompt segment (paper Figs. 5, 16, 17)"
+    paper = (
+        "Figs. 5/16 (GPT-2 xl, 100 CounterFact edits): ||delta_i|| concentrates on the subject "
+        "tokens, mostly the last subject token, in the first quarter of the layers, and on the "
+        "last prompt token around the middle layers; other (token, layer) VJPs are near 0. "
+        "Fig. 17: ||x_i|| does not follow ||delta_i||."
+    )
+    matrices = ("ff1", "ff2")
+
+    def measure(
+        self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
+    ) -> dict[str, Any]:
+        delta = capture.stack("ff2", "delta").norm(dim=-1)  # [L, n]
+        x = capture.stack("ff1", "x").norm(dim=-1)  # [L, n]
+        return {
+            "tokens": capture.tokens,
+            "segments": item.segmentation.positions,
+            "delta_norm": rounded(delta.numpy()),
+            "x_norm": rounded(x.numpy()),
+        }
+
+    def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        n_layers = int(meta["n_layers"])
+        axis = layer_axis(n_layers)
+        d_means, counts = segment_means(rows, "delta_norm")
+        x_means, _ = segment_means(rows, "x_norm")
+        segs = ordered_segments(d_means)
+        table = [
+            {
+                "segment": s,
+                "layer": layer,
+                "layer_norm": axis[layer],
+                "delta_norm": float(d_means[s][layer]),
+                "x_norm": float(x_means[s][layer]),
+                "records": counts[s],
+            }
+            for s in segs
+            for layer in range(n_layers)
+        ]
+        curves = {
+            f"||δ|| {SEGMENT_LABELS[s]}": {"x": axis, "y": d_means[s].tolist()}
+            for s in ("last_subject", "last", "first_subject", "further")
+            if s in d_means
+        }
+        headline: dict[str, Any] = {"records": len(rows)}
+        for s in ("last_subject", "last"):
+            if s in d_means:
+                peak = int(np.nanargmax(d_means[s]))
+                headline[f"{s}_peak_layer"] = peak
+                headline[f"{s}_peak_layer_norm"] = axis[peak]
+                headline[f"{s}_peak"] = float(d_means[s][peak])
+        q = max(1, n_layers // 4)
+        ordinary = [s for s in segs if s not in ("bos",)]
+        early = {s: float(np.nanmean(d_means[s][:q])) for s in ordinary}
+        headline["first_quarter_top_segment"] = max(early, key=lambda s: early[s])
+        headline["first_quarter_mean"] = early
+        mid = slice(n_layers // 4, 3 * n_layers // 4)
+        middle = {s: float(np.nanmean(d_means[s][mid])) for s in ordinary}
+        headline["middle_half_top_segment"] = max(middle, key=lambda s: middle[s])
+        headline["middle_half_mean"] = middle
+        # Fig. 17: do ||x_i|| and ||delta_i|| go together? Pearson r over all (layer, position)
+        # cells of all records, last layer excluded (its non-last VJPs are exactly 0).
+        xs = np.concatenate([as_array(r["x_norm"])[:-1].ravel() for r in rows])
+        ds = np.concatenate([as_array(r["delta_norm"])[:-1].ravel() for r in rows])
+        ok = np.isfinite(xs) & np.isfinite(ds)
+        headline["pearson_x_delta"] = float(np.corrcoef(xs[ok], ds[ok])[0, 1]) if ok.sum() > 2 else None
+        if "bos" in d_means:
+            headline["bos_mean_delta"] = float(np.nanmean(d_means["bos"]))
+        return Aggregate(
+            table, curves, headline,
+            {"segments": segs, "delta": {s: d_means[s].tolist() for s in segs},
+             "x": {s: x_means[s].tolist() for s in segs}, "counts": counts},
+        )
+
+    def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
+        plt = pyplot()
+        segs = agg.extra["segments"]
+        fig, axes = plt.subplots(2, 1, figsize=(8, 5.6))
+        d = np.array([as_array(agg.extra["delta"][s]) for s in segs])
+        x = np.array([as_array(agg.extra["x"][s]) for s in segs])
+        heatmap(axes[0], d, segs, "mean ||δ_i|| of FF2 (the update's weight per token)", "Reds")
+        heatmap(axes[1], x, segs, "mean ||x_i|| of FF1 (forward inputs)", "Blues")
+        fig.suptitle(f"{meta['model']}: {agg.headline['records']} CounterFact prompts", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
+        h = agg.headline
+        n_layers = int(meta["n_layers"])
+        lab = SEGMENT_LABELS
+        early = h["first_quarter_mean"]
+        middle = h["middle_half_mean"]
+        top_e, top_m = h["first_quarter_top_segment"], h["middle_half_top_segment"]
+        text = (
+            f"In the first quarter of the layers the largest mean ||δ_i|| is at the "
+            f"{lab[top_e]} ({early[top_e]:.3g}); in the middle half it is at the {lab[top_m]} "
+            f"({middle[top_m]:.3g}). "
+        )
+        if "last_subject_peak_layer" in h and "last_peak_layer" in h:
+            text += (
+                f"The last subject token peaks at layer {h['last_subject_peak_layer']} of "
+                f"{n_layers} ({h['last_subject_peak']:.3g}), the last token at layer "
+                f"{h['last_peak_layer']} ({h['last_peak']:.3g}). "
+            )
+        if h.get("pearson_x_delta") is not None:
+            text += f"||x_i|| and ||δ_i|| correlate with Pearson r = {h['pearson_x_delta']:.2f}."
+        return text
