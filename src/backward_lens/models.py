@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -178,6 +182,32 @@ def load_model(
     return _from_folder(path if path.exists() else spec, spec, dtype, device, device_map)
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' and the hub's progress bars and warnings; restore them afterwards."""
+    import huggingface_hub.utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_level = hub_logger.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    hub_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+        hub_logger.setLevel(hub_level)
+
+
 def _from_folder(
     source: Path | str, name: str, dtype: torch.dtype, device: str | None, device_map: str | None
 ) -> LensModel:
@@ -187,8 +217,9 @@ def _from_folder(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+            model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"cannot load model {name!r}: it is not a built-in name "
@@ -254,6 +285,11 @@ def _cached_conversion(gguf: Path, dtype: torch.dtype) -> Path:
     entry = cache_entry(gguf, dtype)
     if cache_entry_is_valid(entry):
         return entry
+    print(
+        f"backward-lens: converting {gguf.name} once into {entry.parent} (15-60 s; later loads "
+        "take about a second)",
+        file=sys.stderr,
+    )
     _convert_gguf(gguf, entry, dtype)
     return entry
 
