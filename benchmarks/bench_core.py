@@ -91,7 +91,7 @@ def bench_capture(lm: LensModel, repeat: int) -> None:
     t_ref = timed(lambda: [torch.linalg.matrix_rank(d) for d in dense], repeat=3, warmup=1)
     ours_r = [g.rank() for g in grads]
     ref_r = [int(torch.linalg.matrix_rank(d)) for d in dense]
-    same = sum(a == b for a, b in zip(ours_r, ref_r))
+    same = sum(a == b for a, b in zip(ours_r, ref_r, strict=True))
     print(
         f"(c) matrix_rank(dense) / rank() = {t_ref / t_ours:6.1f}x  "
         f"({len(grads)} matrices, {same}/{len(grads)} identical ranks)   goal >= 50x"

@@ -83,7 +83,7 @@ def test_batch_equals_single_prompts(model_type: str, tokenizer) -> None:
     targets = [" Rome", " French", " the"]
     batch = capture(lm, PROMPTS, targets)
     assert isinstance(batch, list)
-    for prompt, target, b in zip(PROMPTS, targets, batch):
+    for prompt, target, b in zip(PROMPTS, targets, batch, strict=True):
         one = capture(lm, prompt, target)
         assert isinstance(one, Capture)
         assert b.tokens == one.tokens and b.loss == pytest.approx(one.loss, rel=1e-5)
@@ -123,7 +123,7 @@ def test_capture_leaves_no_trace_even_when_it_fails(tokenizer) -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hooks_before = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
-    def explode(module, args, output):  # noqa: ANN001, ANN202
+    def explode(module, args, output):
         raise RuntimeError("boom")
 
     bomb = model.transformer.h[1].register_forward_hook(explode)
@@ -137,9 +137,7 @@ def test_capture_leaves_no_trace_even_when_it_fails(tokenizer) -> None:
     assert len(seen) == 2  # the user's hook ran in both passes
     user_hook.remove()
     assert model.training  # mode restored
-    assert not frozen.requires_grad and all(
-        p.requires_grad for p in list(model.parameters())[1:]
-    )
+    assert not frozen.requires_grad and all(p.requires_grad for p in list(model.parameters())[1:])
     assert all(p.grad is None for p in model.parameters())  # no parameter gradient written
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])

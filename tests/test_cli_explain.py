@@ -65,8 +65,12 @@ def test_json_png_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_normalized_lens_changes_the_reading(tmp_path: Path) -> None:
     raw, norm = tmp_path / "raw.json", tmp_path / "norm.json"
     assert main(["explain", PROMPT, "--target", " Rome", "--json", str(raw), "--quiet"]) == 0
-    assert main(["explain", PROMPT, "--target", " Rome", "--normalized", "--json", str(norm),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["explain", PROMPT, "--target", " Rome", "--normalized", "--json", str(norm), "--quiet"]
+        )
+        == 0
+    )
     a, b = json.loads(raw.read_text()), json.loads(norm.read_text())
     assert b["normalized"] and not a["normalized"]
     # RMSNorm has no bias: normalising rescales the logits, so ranks stay and probabilities move

@@ -56,8 +56,12 @@ def test_norms_and_neurons_match_dense() -> None:
     assert g.norm() == pytest.approx(float(dense.norm()), rel=1e-5)
     torch.testing.assert_close(g.output_space_neurons(), dense)
     torch.testing.assert_close(g.input_space_neurons(), dense.T)
-    torch.testing.assert_close(g.output_space_neuron_norms(), dense.norm(dim=1), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g.input_space_neuron_norms(), dense.norm(dim=0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        g.output_space_neuron_norms(), dense.norm(dim=1), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        g.input_space_neuron_norms(), dense.norm(dim=0), rtol=1e-4, atol=1e-5
+    )
     idx = torch.tensor([3, 0])
     torch.testing.assert_close(g.output_space_neurons(idx), dense[idx])
     torch.testing.assert_close(

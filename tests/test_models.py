@@ -25,7 +25,7 @@ def test_unknown_name_missing_file_and_bad_folder(tmp_path: Path) -> None:
         load_model("no-such-model-anywhere")
     with pytest.raises(ModelNotFoundError, match="no such GGUF"):
         load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         load_model(str(tmp_path))
 
 
@@ -40,8 +40,19 @@ def test_unsupported_architecture_names_the_supported_ones(tokenizer) -> None:
 
 def test_adapter_table_covers_the_required_families() -> None:
     required = {
-        "gpt2", "gptj", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma",
-        "gemma2", "gemma3_text", "phi3", "olmo2",
+        "gpt2",
+        "gptj",
+        "gpt_neox",
+        "opt",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "olmo2",
     }
     assert required <= set(supported_model_types()) == set(ADAPTERS)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from backward_lens.capture import Capture, capture
 from backward_lens.explain import explain

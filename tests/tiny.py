@@ -24,19 +24,35 @@ _GATED = dict(
 
 TINY_CONFIGS: dict[str, Any] = {
     "gpt2": lambda: tf.GPT2Config(
-        n_layer=3, n_embd=32, n_head=4, vocab_size=V, n_positions=128, resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0,
+        n_layer=3,
+        n_embd=32,
+        n_head=4,
+        vocab_size=V,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     ),
     "gptj": lambda: tf.GPTJConfig(
         n_layer=3, n_embd=32, n_head=4, rotary_dim=4, vocab_size=V, n_positions=128
     ),
     "gpt_neox": lambda: tf.GPTNeoXConfig(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=48,
-        vocab_size=V, max_position_embeddings=128,
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=48,
+        vocab_size=V,
+        max_position_embeddings=128,
     ),
     "opt": lambda: tf.OPTConfig(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, ffn_dim=48, vocab_size=V,
-        max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.0,
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_dim=48,
+        vocab_size=V,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        dropout=0.0,
     ),
     "llama": lambda: tf.LlamaConfig(**_GATED),
     "mistral": lambda: tf.MistralConfig(**_GATED),

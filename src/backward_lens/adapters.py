@@ -213,11 +213,11 @@ def get_module(root: nn.Module, path: str) -> nn.Module | None:
         module = getattr(module, name, None)
         if module is None:
             return None
-    return module  # type: ignore[no-any-return]
+    return module if isinstance(module, nn.Module) else None
 
 
 def weight_layout(module: nn.Module) -> str:
-    """``"in_out"`` for GPT-2 style ``Conv1D`` ([in, out] weights), ``"out_in"`` for ``nn.Linear``."""
+    """``"in_out"`` for GPT-2's ``Conv1D`` ([in, out]), ``"out_in"`` for ``nn.Linear``."""
     if isinstance(module, nn.Linear):
         return "out_in"
     if type(module).__name__ == "Conv1D":
@@ -256,7 +256,7 @@ class Architecture:
                 f"{type(model).__name__}; the adapter for this model type does not match it"
             )
         self.layers: nn.ModuleList = layers
-        self.config = model.config  # type: ignore[union-attr]
+        self.config: Any = model.config
 
     @property
     def n_layers(self) -> int:

@@ -13,7 +13,7 @@ per-prompt losses, so each prompt's factors equal those of a run on its own.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -139,11 +139,9 @@ def capture(
             add_space=add_space,
             max_length=lm.context_length,
         )
-        for p, t in zip(prompts, targets)
+        for p, t in zip(prompts, targets, strict=True)
     ]
-    captures = capture_requests(
-        lm, requests, layers=layers, matrices=matrices, attention=attention
-    )
+    captures = capture_requests(lm, requests, layers=layers, matrices=matrices, attention=attention)
     return captures[0] if single else captures
 
 
@@ -182,14 +180,14 @@ class _Recorder:
     def _make_leaf(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
         return output.detach().requires_grad_(True)
 
-    def _record(self, key: int):  # type: ignore[no-untyped-def]
+    def _record(self, key: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             self.inputs[key] = args[0].detach()
             self.outputs[key] = output
 
         return hook
 
-    def _record_input(self, key: int):  # type: ignore[no-untyped-def]
+    def _record_input(self, key: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             self.outputs[key] = args[0]
 
@@ -259,7 +257,7 @@ def capture_requests(
                 picked = logp[b, n_keep - m :].gather(-1, ids[:, None])
                 losses.append(-picked.sum())
             keys = [id(r.module) for r in resolved]
-            unique_keys = list(dict.fromkeys(keys)) + [recorder.head_key]
+            unique_keys = [*list(dict.fromkeys(keys)), recorder.head_key]
             grads = torch.autograd.grad(
                 torch.stack(losses).sum(),
                 [recorder.outputs[k] for k in unique_keys],
@@ -270,7 +268,7 @@ def capture_requests(
     batch_shape = (len(requests), width)
     grad_of = {
         k: g if g is not None else torch.zeros_like(recorder.outputs[k])
-        for k, g in zip(unique_keys, grads)
+        for k, g in zip(unique_keys, grads, strict=True)
     }
     head_vjp = grad_of.pop(recorder.head_key)  # [B, m or T, d]
     grad_of = {k: _by_position(g, batch_shape) for k, g in grad_of.items()}
@@ -286,9 +284,7 @@ def capture_requests(
             if res.part is not None:
                 delta = delta[:, res.part.to(delta.device)]
             gradients[res.name].append(
-                LowRankGradient(
-                    x_of[key][b, start:], delta, res.layout, res.layer, res.name
-                )
+                LowRankGradient(x_of[key][b, start:], delta, res.layout, res.layer, res.name)
             )
         m = r.n_loss_positions
         captures.append(

@@ -141,7 +141,12 @@ def detect_layout(record: dict[str, Any]) -> str:
     )
 
 
-_READERS = {"rome": _from_rome, "easyedit": _from_easyedit, "known": _from_known, "jsonl": _from_user}
+_READERS = {
+    "rome": _from_rome,
+    "easyedit": _from_easyedit,
+    "known": _from_known,
+    "jsonl": _from_user,
+}
 
 
 def read_raw(path: str | Path) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 :func:`explain` runs one capture and one batched projection of the whole (layer x position x
 matrix) grid, and returns an :class:`Explanation`, the in-memory form of the JSON contract that
-the CLI writes (``to_dict``), with a pandas view (``to_dataframe``) and figures (``backward_lens.plots``).
+the CLI writes (``to_dict``) and a pandas view (``to_dataframe``); figures: ``plots``.
 """
 
 from __future__ import annotations
@@ -142,9 +142,7 @@ def explain(
         multi_token: what to do with a multi-token target (see ``encode_request``).
         add_space: prepend a space to a target without one.
     """
-    cap = capture(
-        lm, prompt, target, layers=layers, multi_token=multi_token, add_space=add_space
-    )
+    cap = capture(lm, prompt, target, layers=layers, multi_token=multi_token, add_space=add_space)
     assert isinstance(cap, Capture)
     return explain_capture(lm, cap, top_k=top_k, normalized=normalized)
 
@@ -159,8 +157,10 @@ def explain_capture(
     vectors = torch.cat([ff1_x.reshape(-1, ff1_x.shape[-1]), ff2_d.reshape(-1, ff2_d.shape[-1])])
     proj = lm.lens.project(vectors, k=top_k, target=cap.target_id, normalized=normalized)
     proj = proj.reshape(2, n_layers, n)
+    target_ranks = proj.target_rank
+    assert target_ranks is not None
     ids = torch.cat([proj.top_ids.reshape(-1), proj.bottom_ids.reshape(-1)]).unique().tolist()
-    words = dict(zip(ids, lm.decode(ids)))
+    words = dict(zip(ids, lm.decode(ids), strict=True))
     coef = {
         "ff1": cap.stack("ff1", "delta").float().norm(dim=-1),
         "ff2": cap.stack("ff2", "x").float().norm(dim=-1),
@@ -177,7 +177,7 @@ def explain_capture(
                 top_probs=proj.top_probs[m, k, i].tolist(),
                 bottom=[words[t] for t in proj.bottom_ids[m, k, i].tolist()],
                 bottom_probs=proj.bottom_probs[m, k, i].tolist(),
-                target_rank=int(proj.target_rank[m, k, i]),  # type: ignore[index]
+                target_rank=int(target_ranks[m, k, i]),
             )
             for i in range(n)
         ]

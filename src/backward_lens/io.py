@@ -24,8 +24,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: _discard(tmp.write_text(text, encoding="utf-8")))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: _discard(tmp.write_bytes(data)))
+
+
+def _discard(_: object) -> None:
+    """Drop a return value (``write_text`` returns a byte count)."""

@@ -135,15 +135,17 @@ class VocabularyLens(nn.Module):
                 rank = (logits > t_logit).sum(-1)
             else:
                 rank = torch.zeros(0)
-            parts.append(
-                (top_i, (top_v - lse).exp(), bot_i, (bot_v - lse).exp(), rank)
-            )
+            parts.append((top_i, (top_v - lse).exp(), bot_i, (bot_v - lse).exp(), rank))
         cat = [torch.cat([p[j] for p in parts]).cpu() for j in range(5)] if parts else None
         if cat is None:
             empty = torch.zeros(0, k)
             return Projection(empty.long(), empty, empty.long(), empty, None, torch.zeros(0))
         return Projection(
-            cat[0], cat[1], cat[2], cat[3], cat[4] if targets is not None else None,
+            cat[0],
+            cat[1],
+            cat[2],
+            cat[3],
+            cat[4] if targets is not None else None,
             vectors.float().norm(dim=-1).cpu(),
         )
 

@@ -62,7 +62,7 @@ class LowRankGradient:
     def _core(self) -> Tensor:
         """n x n matrix with the same non-zero singular values as the gradient.
 
-        With X^T = Q1 R1 and Delta^T = Q2 R2 (thin QR, orthonormal Q), X^T Delta = Q1 (R1 R2^T) Q2^T,
+        With X^T = Q1 R1 and Delta^T = Q2 R2 (thin QR), X^T Delta = Q1 (R1 R2^T) Q2^T,
         so the singular values of X^T Delta are those of R1 R2^T. Computed in float64.
         """
         r1 = torch.linalg.qr(self.x.detach().double().T, mode="r").R
@@ -76,7 +76,7 @@ class LowRankGradient:
         return torch.linalg.svdvals(self._core())
 
     def rank(self, rtol: float | None = None) -> int:
-        """Numerical rank, with ``torch.linalg.matrix_rank``'s default tolerance on the dense matrix.
+        """Numerical rank, with ``torch.linalg.matrix_rank``'s default tolerance for dense().
 
         That default is sigma_max * max(d_in, d_out) * eps(dtype of the factors).
         """

@@ -123,7 +123,7 @@ class LensModel:
 
     @property
     def context_length(self) -> int | None:
-        return context_length(self.model.config)  # type: ignore[union-attr]
+        return context_length(getattr(self.model, "config", None))
 
     @property
     def device(self) -> torch.device:
@@ -166,6 +166,7 @@ def load_model(
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    assert isinstance(dtype, torch.dtype)
     if spec in BUILTIN_MODELS:
         folder = _cached_conversion(BUILTIN_MODELS[spec].gguf_path(), dtype)
         return _from_folder(folder, spec, dtype, device, device_map)
@@ -227,7 +228,7 @@ def _from_folder(
             f"loading it from the hub failed ({str(exc).splitlines()[0][:160]})"
         ) from exc
     if device and not device_map:
-        model.to(device)
+        nn.Module.to(model, torch.device(device))
     lm = wrap(model, tokenizer, name)
     lm.info["source"] = str(source)
     return lm

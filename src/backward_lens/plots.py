@@ -33,7 +33,7 @@ def figure_explanation(expl: Explanation) -> Any:
         ("ff1", "top", "FF1: most probable token of x_i (colour: ||x_i||)", "Blues"),
         ("ff2", "bottom", "FF2: least probable token of δ_i (colour: ||δ_i||)", "Reds"),
     ]
-    for ax, (name, side, title, cmap) in zip(axes[0], panels):
+    for ax, (name, side, title, cmap) in zip(axes[0], panels, strict=True):
         norms = np.array(expl.grid(name, "norm"), dtype=float)
         words = expl.grid(name, side)
         ax.imshow(norms, aspect="auto", cmap=cmap, origin="lower")
@@ -54,7 +54,7 @@ def figure_explanation(expl: Explanation) -> Any:
         ranks = [getattr(lr, name).rank for lr in expl.layers]
         ax.set_yticks(
             range(n_layers),
-            [f"{lr.layer} (r={r})" for lr, r in zip(expl.layers, ranks)],
+            [f"{lr.layer} (r={r})" for lr, r in zip(expl.layers, ranks, strict=True)],
             fontsize=6.5,
         )
         ax.set_title(title, fontsize=9)

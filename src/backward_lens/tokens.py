@@ -82,7 +82,9 @@ def encode_request(
     if not prompt or not prompt.strip():
         raise EmptyPromptError("the prompt is empty; give the text that precedes the target")
     if not target or not target.strip():
-        raise TargetError("the target is empty; give the token the model should predict, e.g. ' Rome'")
+        raise TargetError(
+            "the target is empty; give the token the model should predict, e.g. ' Rome'"
+        )
     if add_space and not target[0].isspace() and not prompt[-1].isspace():
         target = " " + target
     prompt_ids = tuple(tokenizer(prompt, add_special_tokens=True)["input_ids"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from backward_lens.commands.common import (
     add_model_arguments,
     model_from_args,
@@ -13,6 +12,7 @@ from backward_lens.commands.common import (
 )
 from backward_lens.errors import InputError
 from backward_lens.explain import Explanation, explain
+from backward_lens.tokens import MultiTokenPolicy
 
 NAME = "explain"
 HELP = "read one prompt's gradients in words (FF1 imprint, FF2 shift), per layer and token"
@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
         prompt, target = EXAMPLE_PROMPT, target or EXAMPLE_TARGET
     if target is None:
         raise InputError("give the target with --target, e.g. --target ' Rome'")
-    policy = "first" if args.first_token else "teacher_forced" if args.teacher_forced else "error"
+    policy: MultiTokenPolicy = (
+        "first" if args.first_token else "teacher_forced" if args.teacher_forced else "error"
+    )
     lm = model_from_args(args)
     expl = explain(
         lm,

@@ -68,7 +68,8 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def _tensor_digest(t: Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()[:16]
+    data = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass
@@ -209,7 +210,7 @@ class Edit:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/deltas.safetensors`` and ``path/edit.json`` atomically (temp dir + rename)."""
+        """Write ``path/deltas.safetensors`` and ``path/edit.json`` atomically (via a temp dir)."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -270,5 +271,7 @@ def get_editor(name: str, **hparams: Any) -> Editor:
     import backward_lens.editing.methods  # noqa: F401  (registers the built-in editors)
 
     if name not in EDITORS:
-        raise InputError(f"unknown editing method {name!r}; available: {', '.join(sorted(EDITORS))}")
+        raise InputError(
+            f"unknown editing method {name!r}; available: {', '.join(sorted(EDITORS))}"
+        )
     return EDITORS[name](**hparams)
