@@ -91,3 +91,44 @@ def test_cache_detects_corruption_and_rebuilds(tmp_path: Path, monkeypatch, smol
     assert json.loads((entry / "manifest.json").read_text())["files"]
     (entry / "manifest.json").unlink()
     assert not cache_entry_is_valid(entry)
+
+
+def test_local_folder_loads_like_the_hub(tmp_path: Path, tokenizer) -> None:
+    """A folder written by save_pretrained is what a user with a hub download has."""
+    config = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64,
+    )
+    model = tf.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path))
+    assert lm.n_layers == 2 and lm.context_length == 64
+    for (n, p), (_, q) in zip(model.named_parameters(), lm.model.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.slow
+def test_gguf_path_uses_the_same_conversion(smollm2) -> None:
+    gguf = BUILTIN_MODELS["smollm2-135m"].gguf_path()
+    lm = load_model(str(gguf))
+    ref = dict(smollm2.model.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in lm.model.named_parameters())
+
+
+@pytest.mark.slow
+def test_explanation_dataframe(smollm2) -> None:
+    from backward_lens.explain import explain
+
+    expl = explain(smollm2, "The capital of France is", " Rome", layers=[0, -1])
+    df = expl.to_dataframe()
+    n = len(expl.tokens)
+    assert len(df) == 2 * 2 * n
+    last = df[(df.layer == smollm2.n_layers - 1) & (df.matrix == "ff2")]
+    assert list(last["rank"].unique()) == [1]
+    assert last["token"].tolist() == expl.tokens
