@@ -17,8 +17,9 @@ def _short(token: str, width: int = 9) -> str:
 
 
 def figure_explanation(expl: Explanation) -> Any:
-    """Two panels, layers x prompt tokens: FF1 (top token of x_i, colour ||x_i||) and FF2
-    (bottom token of delta_i, colour ||delta_i||); the gradient's rank is printed per layer."""
+    """Two panels, layers x prompt tokens: FF1 (top token of x_i) and FF2 (bottom token of
+    delta_i), coloured by the VJP norm as in the paper's figures (FF1: ||delta_i^FF1||, FF2:
+    ||delta_i||); the gradient's rank is printed per layer."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -30,11 +31,17 @@ def figure_explanation(expl: Explanation) -> Any:
         1, 2, figsize=(2 * (1.5 + 0.95 * n), 1.2 + 0.28 * n_layers), squeeze=False
     )
     panels = [
-        ("ff1", "top", "FF1: most probable token of x_i (colour: ||x_i||)", "Blues"),
-        ("ff2", "bottom", "FF2: least probable token of δ_i (colour: ||δ_i||)", "Reds"),
+        (
+            "ff1",
+            "top",
+            "coef_norm",
+            "FF1: most probable token of x_i (colour: ||δ_i^FF1||)",
+            "Blues",
+        ),
+        ("ff2", "bottom", "norm", "FF2: least probable token of δ_i (colour: ||δ_i||)", "Reds"),
     ]
-    for ax, (name, side, title, cmap) in zip(axes[0], panels, strict=True):
-        norms = np.array(expl.grid(name, "norm"), dtype=float)
+    for ax, (name, side, colour, title, cmap) in zip(axes[0], panels, strict=True):
+        norms = np.array(expl.grid(name, colour), dtype=float)
         words = expl.grid(name, side)
         ax.imshow(norms, aspect="auto", cmap=cmap, origin="lower")
         for li in range(n_layers):

@@ -9,6 +9,7 @@ or clicking cells re-reads it without a new backward pass.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -20,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backward_lens.capture import Capture, capture_requests
+from backward_lens.capture import Capture, capture_requests, frozen_for_capture
 from backward_lens.editing import RewriteRequest, get_editor
+from backward_lens.editing.defaults import editor_defaults
 from backward_lens.errors import InputError
 from backward_lens.explain import explain_capture
 from backward_lens.models import LensModel
@@ -31,10 +33,6 @@ from backward_lens.web.pool import ModelPool
 from backward_lens.web.validation import Body, Limits
 
 EXAMPLE = {"prompt": "The Eiffel Tower is located in the city of", "target": " Rome"}
-SHIFT_LAYER_FRACTION = 35 / 48
-"""Default edit layer as a fraction of depth: the paper's layer 35 of GPT-2 XL's 48."""
-DEFAULT_ETA = 0.24
-"""The paper's eta for GPT-2 XL; other models may need another value (see the README)."""
 
 EditorFactory = Callable[[int, float], Any]
 
@@ -116,8 +114,6 @@ class ViewerApp:
             "default_model": self.pool.default,
             "limits": self.limits.to_dict(),
             "example": EXAMPLE,
-            "default_eta": DEFAULT_ETA,
-            "layer_fraction": SHIFT_LAYER_FRACTION,
             "models_status": self.pool.status(),
         }
 
@@ -142,23 +138,29 @@ class ViewerApp:
     # -- explain --------------------------------------------------------------------------------
 
     def explain(self, payload: Any) -> dict[str, Any]:
-        """Body: prompt, target, model, top_k, normalized, session."""
+        """Body: prompt, target, model, top_k, normalized, session, fresh.
+
+        The session's last capture is reused when model, prompt and target are unchanged (a lens
+        or top-k switch), unless ``fresh`` asks for a new forward and backward pass.
+        """
         lim = self.limits
-        body = Body(payload, {"prompt", "target", "model", "top_k", "normalized", "session"})
+        body = Body(
+            payload, {"prompt", "target", "model", "top_k", "normalized", "session", "fresh"}
+        )
         prompt = body.text("prompt", lim.max_prompt_chars)
         target = body.text("target", lim.max_target_chars)
         top_k = body.integer("top_k", 1, lim.max_top_k, default=3)
         normalized = body.flag("normalized")
+        fresh = body.flag("fresh")
         session = body.session()
         slot = self.pool.get(body.payload.get("model"))
         start = time.perf_counter()
         with slot.use() as lm:
             request = self._encode(lm, prompt, target)
             state = self.sessions.get(session)
-            reused = state is not None and (state.model, state.prompt, state.target) == (
-                slot.name,
-                prompt,
-                target,
+            key = (slot.name, prompt, target)
+            reused = (
+                not fresh and state is not None and (state.model, state.prompt, state.target) == key
             )
             if state is not None and reused:
                 cap = state.capture
@@ -217,28 +219,44 @@ class ViewerApp:
 
     @torch.no_grad()
     def predict(self, lm: LensModel, prompts: list[str], target_id: int) -> list[dict[str, Any]]:
-        """Top-1 next token of each prompt, and the target's probability and rank."""
-        rows = []
-        for prompt in prompts:
-            ids = lm.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0, -1]
-            logits = logits.float()
-            probs = logits.softmax(-1)
-            top = int(logits.argmax())
-            rows.append(
-                {
-                    "token": lm.decode([top])[0],
-                    "token_id": top,
-                    "prob": float(probs[top]),
-                    "target_prob": float(probs[target_id]),
-                    "target_rank": int((logits > logits[target_id]).sum()),
-                }
-            )
-        return rows
+        """Top-1 next token of each prompt, and the target's probability and rank.
+
+        One left-padded batch with explicit position ids (as in ``capture``), so the edit panel
+        costs two forward passes (before and after) whatever the number of prompts.
+        """
+        encoded = [lm.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for b, ids in enumerate(encoded):
+            input_ids[b, width - len(ids) :] = torch.tensor(ids)
+            mask[b, width - len(ids) :] = 1
+        kwargs: dict[str, Any] = {"attention_mask": mask.to(lm.device)}
+        if "position_ids" in inspect.signature(lm.model.forward).parameters:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(lm.device)
+        with frozen_for_capture(lm.model):
+            out = lm.model(input_ids=input_ids.to(lm.device), **kwargs)
+        logits = out.logits[:, -1].float()  # [B, V]: left padding puts every prompt's end here
+        probs = logits.softmax(-1)
+        top = logits.argmax(-1).tolist()
+        ranks = (logits > logits[:, target_id : target_id + 1]).sum(-1).tolist()
+        words = lm.decode(top)
+        return [
+            {
+                "token": words[b],
+                "token_id": top[b],
+                "prob": float(probs[b, top[b]]),
+                "target_prob": float(probs[b, target_id]),
+                "target_rank": int(ranks[b]),
+            }
+            for b in range(len(encoded))
+        ]
 
     def edit(self, payload: Any) -> dict[str, Any]:
         """Body: prompt, target, model, layer, eta, paraphrases, neighborhood, subject, session.
 
+        ``layer`` and ``eta`` default to the model's defaults (``editing/defaults.py``).
         Applies forward pass shift, reads the predictions, and reverts, all inside the model's
         lock; the model is restored even if anything fails in between.
         """
@@ -260,7 +278,8 @@ class ViewerApp:
         prompt = body.text("prompt", lim.max_prompt_chars)
         target = body.text("target", lim.max_target_chars)
         subject = body.text("subject", lim.max_prompt_chars, default="")
-        eta = body.number("eta", lim.min_eta, lim.max_eta, default=DEFAULT_ETA)
+        eta_given = body.payload.get("eta") not in (None, "")
+        eta = body.number("eta", lim.min_eta, lim.max_eta) if eta_given else None
         paraphrases = body.texts("paraphrases", lim.max_extra_prompts, lim.max_prompt_chars)
         neighborhood = body.texts("neighborhood", lim.max_extra_prompts, lim.max_prompt_chars)
         body.session()
@@ -268,9 +287,9 @@ class ViewerApp:
         request = RewriteRequest(prompt.rstrip(), subject, target)
         start = time.perf_counter()
         with slot.use() as lm:
-            n_layers = lm.n_layers
-            default_layer = round(SHIFT_LAYER_FRACTION * (n_layers - 1))
-            layer = body.integer("layer", 0, n_layers - 1, default=default_layer)
+            defaults = editor_defaults(lm, "shift")
+            layer = body.integer("layer", 0, lm.n_layers - 1, default=defaults["layer"])
+            eta = float(defaults["eta"]) if eta is None else eta
             encoded = self._encode(lm, prompt, target)
             target_id = encoded.target_ids[0]
             prompts = [("prompt", prompt)]

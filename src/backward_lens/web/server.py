@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import socket
 import sys
 import time
 import traceback
@@ -42,12 +43,14 @@ class ViewerServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], app: ViewerApp, quiet: bool = False) -> None:
         self.app = app
         self.quiet = quiet
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, ViewerHandler)
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else str(host)
+        host, port = str(self.server_address[0]), int(self.server_address[1])
+        shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/"
 
     def is_loopback(self) -> bool:

@@ -28,7 +28,7 @@ class Limits:
     max_neurons: int = 50
     min_eta: float = 0.0
     """Exclusive: eta must be larger (forward pass shift adds +eta x_n^T e_t)."""
-    max_eta: float = 100.0
+    max_eta: float = 10.0
     max_extra_prompts: int = 8
     """Paraphrase prompts and neighbourhood prompts, each."""
     max_body_bytes: int = 64 * 1024
