@@ -8,7 +8,9 @@ entry in :data:`backward_lens.study.experiments.EXPERIMENTS`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -188,18 +190,12 @@ def segment_means(
     return means, counts
 
 
-class quiet_warnings:
+@contextmanager
+def quiet_warnings() -> Iterator[None]:
     """Silence numpy's 'mean of empty slice' warnings (all-NaN columns are expected)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+        yield
 
 
 def segment_table(

@@ -50,7 +50,11 @@ def heatmap(
     """Rows x layers heatmap with a colour bar; NaN cells are left blank."""
     plt = pyplot()
     image = ax.imshow(
-        np.ma.masked_invalid(matrix), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
+        np.ma.masked_invalid(matrix),
+        aspect="auto",
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
         interpolation="nearest",
     )
     ax.set_yticks(range(len(rows)), [SEGMENT_LABELS.get(r, r) for r in rows], fontsize=7)
@@ -75,8 +79,7 @@ def _table_html(rows: Sequence[dict[str, Any]], limit: int = 400) -> str:
         return html.escape(str(v))
 
     body = "".join(
-        "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>"
-        for r in rows[:limit]
+        "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows[:limit]
     )
     more = f"<p>({len(rows) - limit} more rows in aggregate.csv)</p>" if len(rows) > limit else ""
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"

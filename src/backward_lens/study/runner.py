@@ -67,8 +67,15 @@ class StudyResult:
 
     @property
     def files(self) -> dict[str, Path]:
-        names = ["config.json", RAW, "aggregate.json", "aggregate.csv", "figure.png",
-                 "figure.html", "summary.md"]
+        names = [
+            "config.json",
+            RAW,
+            "aggregate.json",
+            "aggregate.csv",
+            "figure.png",
+            "figure.html",
+            "summary.md",
+        ]
         return {n: self.out / n for n in names}
 
 
@@ -138,7 +145,7 @@ def _prepare(lm_tokenizer: Any, index: int, record: FactRecord, context: int | N
 
 
 def _model_facts(lm: LensModel) -> dict[str, Any]:
-    cfg = lm.model.config  # type: ignore[union-attr]
+    cfg = lm.model.config
     return {
         "model": lm.name,
         "model_type": getattr(cfg, "model_type", "?"),
@@ -218,7 +225,8 @@ def run_study(
     keys = [str(r.case_id) for r in records]
     if len(set(keys)) != len(keys):  # ids are not unique: fall back to the sample position
         keys = [f"{i}:{r.case_id}" for i, r in enumerate(records)]
-    pending = [(i, r, k) for i, (r, k) in enumerate(zip(records, keys)) if k not in done]
+    pairs = enumerate(zip(records, keys, strict=True))
+    pending = [(i, r, k) for i, (r, k) in pairs if k not in done]
     facts = (previous or {}).get("facts")
     if pending:
         lm = model if isinstance(model, LensModel) else load_model(model)
@@ -330,9 +338,18 @@ def finish(
     atomic_write_text(out / "summary.md", summary)
     atomic_write_text(
         out / "aggregate.meta.json",
-        json.dumps(clean_json({"experiment": exp.name, **meta, "n_ok": len(ok),
-                               "skipped": dict(skipped), "seconds_per_record": per_record}),
-                   indent=1),
+        json.dumps(
+            clean_json(
+                {
+                    "experiment": exp.name,
+                    **meta,
+                    "n_ok": len(ok),
+                    "skipped": dict(skipped),
+                    "seconds_per_record": per_record,
+                }
+            ),
+            indent=1,
+        ),
     )
     return StudyResult(exp.name, out, agg, summary, config, len(ok), dict(skipped), per_record)
 
@@ -359,7 +376,7 @@ def _summary(
         f"- measured: {n_ok} of {sampled} records",
     ]
     if skipped:
-        examples = {}
+        examples: dict[str, str] = {}
         for r in rows:
             if r["status"] != "ok":
                 examples.setdefault(r["reason"], f"case {r['case_id']}: {r['error']}")
@@ -390,6 +407,12 @@ def load_study(out: str | Path) -> StudyResult:
         raise InputError(f"{out} is not a finished study folder ({exc})") from exc
     summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
     return StudyResult(
-        meta["experiment"], out, agg, summary, config, meta.get("n_ok", 0),
-        meta.get("skipped", {}), meta.get("seconds_per_record"),
+        meta["experiment"],
+        out,
+        agg,
+        summary,
+        config,
+        meta.get("n_ok", 0),
+        meta.get("skipped", {}),
+        meta.get("seconds_per_record"),
     )

@@ -36,7 +36,7 @@ SEGMENTS: tuple[str, ...] = (
 
 SEGMENT_LABELS: dict[str, str] = {
     "bos": "BOS / special",
-    "prefix": "before subject",
+    "prefix": "tokens before the subject",
     "first_subject": "first subject token",
     "middle_subject": "middle subject tokens",
     "last_subject": "last subject token",
@@ -66,7 +66,8 @@ class Segmentation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Segmentation:
-        return cls(int(data["n"]), tuple(data["subject"]), dict(data["positions"]))  # type: ignore[arg-type]
+        start, end = data["subject"]
+        return cls(int(data["n"]), (int(start), int(end)), dict(data["positions"]))
 
 
 def _find(prompt: str, subject: str, occurrence: int) -> tuple[int, int]:
@@ -136,9 +137,7 @@ def segment_prompt(
     spans = _offsets(tokenizer, prompt, ids)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     covered = [
-        i
-        for i, (a, b) in enumerate(spans)
-        if b > a and a < c1 and b > c0 and ids[i] not in special
+        i for i, (a, b) in enumerate(spans) if b > a and a < c1 and b > c0 and ids[i] not in special
     ]
     if not covered:
         raise DataError(f"no token covers the subject {subject!r} in {prompt!r}")

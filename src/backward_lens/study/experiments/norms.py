@@ -66,9 +66,15 @@ class NormsExperiment(Experiment):
             for s in segs
             for layer in range(n_layers)
         ]
+        # Models differ in VJP scale by orders of magnitude (Gemma's are ~50x SmolLM2's), so the
+        # curves that `compare` overlays are relative to the model's largest ROME-segment mean.
+        scale = max(float(np.nanmax(d_means[s])) for s in segs if s not in ("bos", "prefix"))
         curves = {
-            f"||δ|| {SEGMENT_LABELS[s]}": {"x": axis, "y": d_means[s].tolist()}
-            for s in ("last_subject", "last", "first_subject", "further")
+            f"||δ|| / model max: {SEGMENT_LABELS[s]}": {
+                "x": axis,
+                "y": (d_means[s] / scale).tolist(),
+            }
+            for s in ("first_subject", "last_subject", "first_subsequent", "last")
             if s in d_means
         }
         headline: dict[str, Any] = {"records": len(rows)}
@@ -87,18 +93,29 @@ class NormsExperiment(Experiment):
         middle = {s: float(np.nanmean(d_means[s][mid])) for s in ordinary}
         headline["middle_half_top_segment"] = max(middle, key=lambda s: middle[s])
         headline["middle_half_mean"] = middle
+        rome = [s for s in ordinary if s != "prefix"]  # ROME's six segments, the paper's figure
+        headline["first_quarter_top_rome_segment"] = max(rome, key=lambda s: early[s])
+        headline["middle_half_top_rome_segment"] = max(rome, key=lambda s: middle[s])
         # Fig. 17: do ||x_i|| and ||delta_i|| go together? Pearson r over all (layer, position)
         # cells of all records, last layer excluded (its non-last VJPs are exactly 0).
         xs = np.concatenate([as_array(r["x_norm"])[:-1].ravel() for r in rows])
         ds = np.concatenate([as_array(r["delta_norm"])[:-1].ravel() for r in rows])
         ok = np.isfinite(xs) & np.isfinite(ds)
-        headline["pearson_x_delta"] = float(np.corrcoef(xs[ok], ds[ok])[0, 1]) if ok.sum() > 2 else None
+        headline["pearson_x_delta"] = (
+            float(np.corrcoef(xs[ok], ds[ok])[0, 1]) if ok.sum() > 2 else None
+        )
         if "bos" in d_means:
             headline["bos_mean_delta"] = float(np.nanmean(d_means["bos"]))
         return Aggregate(
-            table, curves, headline,
-            {"segments": segs, "delta": {s: d_means[s].tolist() for s in segs},
-             "x": {s: x_means[s].tolist() for s in segs}, "counts": counts},
+            table,
+            curves,
+            headline,
+            {
+                "segments": segs,
+                "delta": {s: d_means[s].tolist() for s in segs},
+                "x": {s: x_means[s].tolist() for s in segs},
+                "counts": counts,
+            },
         )
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
@@ -107,8 +124,19 @@ class NormsExperiment(Experiment):
         fig, axes = plt.subplots(2, 1, figsize=(8, 5.6))
         d = np.array([as_array(agg.extra["delta"][s]) for s in segs])
         x = np.array([as_array(agg.extra["x"][s]) for s in segs])
-        heatmap(axes[0], d, segs, "mean ||δ_i|| of FF2 (the update's weight per token)", "Reds")
-        heatmap(axes[1], x, segs, "mean ||x_i|| of FF1 (forward inputs)", "Blues")
+        for ax, m, what, cmap in (
+            (axes[0], d, "mean ||δ_i|| of FF2 (the update's weight per token)", "Reds"),
+            (axes[1], x, "mean ||x_i|| of FF1 (forward inputs)", "Blues"),
+        ):
+            title, vmax = what, None
+            if "bos" in segs and len(segs) > 1:
+                # BOS is an attention sink with norms far above the rest: clip it, say so.
+                rest = np.nanmax(m[[i for i, s in enumerate(segs) if s != "bos"]])
+                top = np.nanmax(m[segs.index("bos")])
+                if top > 1.5 * rest:
+                    vmax = float(rest)
+                    title += f" (BOS row clipped; its max is {top:.3g})"
+            heatmap(ax, m, segs, title, cmap, vmin=0, vmax=vmax)
         fig.suptitle(f"{meta['model']}: {agg.headline['records']} CounterFact prompts", fontsize=10)
         fig.tight_layout()
         return fig
@@ -120,11 +148,17 @@ class NormsExperiment(Experiment):
         early = h["first_quarter_mean"]
         middle = h["middle_half_mean"]
         top_e, top_m = h["first_quarter_top_segment"], h["middle_half_top_segment"]
+        rome_e, rome_m = h["first_quarter_top_rome_segment"], h["middle_half_top_rome_segment"]
         text = (
-            f"In the first quarter of the layers the largest mean ||δ_i|| is at the "
-            f"{lab[top_e]} ({early[top_e]:.3g}); in the middle half it is at the {lab[top_m]} "
-            f"({middle[top_m]:.3g}). "
+            f"In the first quarter of the layers the largest mean ||δ_i|| among ROME's segments "
+            f"is at the {lab[rome_e]} ({early[rome_e]:.3g}); in the middle half at the "
+            f"{lab[rome_m]} ({middle[rome_m]:.3g}). "
         )
+        if (top_e, top_m) != (rome_e, rome_m):
+            text += (
+                f"Counting every segment, the largest are the {lab[top_e]} "
+                f"({early[top_e]:.3g}) and the {lab[top_m]} ({middle[top_m]:.3g}). "
+            )
         if "last_subject_peak_layer" in h and "last_peak_layer" in h:
             text += (
                 f"The last subject token peaks at layer {h['last_subject_peak_layer']} of "

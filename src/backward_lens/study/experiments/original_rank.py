@@ -74,8 +74,7 @@ class OriginalRankExperiment(Experiment):
                 curves[f"{q} ({group}, {len(rs)})"] = {"x": axis, "y": m.tolist()}
             for layer in range(n_layers):
                 table.append(
-                    {"group": group, "records": len(rs), "layer": layer,
-                     "layer_norm": axis[layer]}
+                    {"group": group, "records": len(rs), "layer": layer, "layer_norm": axis[layer]}
                     | {q: float(means[group][q][layer]) for q in QUANTITIES}
                 )
         known = [r for r in rows if r["correct"] is not None]
@@ -93,8 +92,9 @@ class OriginalRankExperiment(Experiment):
             "answer_in_delta_last_quarter": float(a["answer_in_delta"][last_q].mean()),
             "answer_in_delta_min": float(a["answer_in_delta"].min()),
             "answer_in_delta_min_layer": int(a["answer_in_delta"].argmin()),
-            "answer_in_delta_first_quarter": float(a["answer_in_delta"][: max(1, n_layers // 4)]
-                                                   .mean()),
+            "answer_in_delta_first_quarter": float(
+                a["answer_in_delta"][: max(1, n_layers // 4)].mean()
+            ),
             "target_in_x_last": float(a["target_in_x"][-1]),
         }
         for group in ("correct", "incorrect"):
@@ -109,11 +109,11 @@ class OriginalRankExperiment(Experiment):
         plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
         styles = {"all": "-", "correct": "--", "incorrect": ":"}
-        for ax, (q, title) in zip(axes, QUANTITIES.items()):
+        for ax, (q, title) in zip(axes, QUANTITIES.items(), strict=False):
             for label, c in agg.curves.items():
                 if label.startswith(q + " "):
                     group = label.split("(")[1].split(",")[0]
-                    ax.plot(c["x"], c["y"], styles[group], marker=".", ms=3, label=label[len(q):])
+                    ax.plot(c["x"], c["y"], styles[group], marker=".", ms=3, label=label[len(q) :])
             ax.set_title(title, fontsize=8.5)
             ax.set_xlabel("normalised layer index")
             ax.set_ylim(-0.02, 1.02)
@@ -141,6 +141,13 @@ class OriginalRankExperiment(Experiment):
             f"(lowest {h['answer_in_delta_min']:.3f} at layer {h['answer_in_delta_min_layer']}; "
             f"{h['answer_in_delta_first_quarter']:.3f} in the first quarter). "
         )
+        if "answer_in_x_correct_layer0" not in h and "answer_in_x_incorrect_layer0" in h:
+            text += (
+                f"In FF1's x_n the (incorrect) answer moves from "
+                f"{h['answer_in_x_incorrect_layer0']:.3f} (layer 0) to "
+                f"{h['answer_in_x_incorrect_mid']:.3f} (middle) and "
+                f"{h['answer_in_x_incorrect_last']:.3f} (last layer)."
+            )
         if "answer_in_x_correct_layer0" in h:
             text += (
                 f"In FF1's x_n a correct answer moves from {h['answer_in_x_correct_layer0']:.3f} "
@@ -150,7 +157,8 @@ class OriginalRankExperiment(Experiment):
             if "answer_in_x_incorrect_mid" in h:
                 text += (
                     f"; an incorrect answer from {h['answer_in_x_incorrect_layer0']:.3f} to "
-                    f"{h['answer_in_x_incorrect_mid']:.3f} and {h['answer_in_x_incorrect_last']:.3f}"
+                    f"{h['answer_in_x_incorrect_mid']:.3f} and "
+                    f"{h['answer_in_x_incorrect_last']:.3f}"
                 )
             text += "."
         return text

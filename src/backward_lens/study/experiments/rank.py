@@ -1,4 +1,4 @@
-"""Fig. 3: how often a layer's gradient has full rank n (Lemma 4.1), and rank 1 at the last layer."""
+"""Fig. 3: how often a layer's gradient has full rank n (Lemma 4.1); rank 1 at the last layer."""
 
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ class RankExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
-        ranks = {
-            name: [g.rank() for g in grads] for name, grads in capture.gradients.items()
-        }
+        ranks = {name: [g.rank() for g in grads] for name, grads in capture.gradients.items()}
         return {"n": capture.n, "ranks": ranks}
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
@@ -71,8 +69,10 @@ class RankExperiment(Experiment):
         ax.set_ylim(-3, 103)
         ax.axhline(98.5, color="grey", lw=0.8, ls="--", label="paper: 98.5%")
         ax.legend(fontsize=8, loc="center left")
-        ax.set_title(f"{meta['model']}: gradient rank = prompt length ({agg.headline['records']} "
-                     "prompts)", fontsize=10)
+        ax.set_title(
+            f"{meta['model']}: gradient rank = prompt length ({agg.headline['records']} prompts)",
+            fontsize=10,
+        )
         fig.tight_layout()
         return fig
 

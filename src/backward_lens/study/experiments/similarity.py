@@ -15,9 +15,9 @@ from backward_lens.study.base import (
     Experiment,
     Item,
     StudyOptions,
-    quiet_warnings,
     as_array,
     layer_axis,
+    quiet_warnings,
     rounded,
 )
 from backward_lens.study.figures import pyplot
@@ -68,8 +68,13 @@ class SimilarityExperiment(Experiment):
                     mats[seg] = np.nanmean(np.stack(parts), axis=0)
                     counts[seg] = len(parts)
         table = [
-            {"segment": s, "layer_i": i, "layer_j": j, "cosine": float(m[i, j]),
-             "records": counts[s]}
+            {
+                "segment": s,
+                "layer_i": i,
+                "layer_j": j,
+                "cosine": float(m[i, j]),
+                "records": counts[s],
+            }
             for s, m in mats.items()
             for i in range(n_layers)
             for j in range(n_layers)
@@ -80,7 +85,8 @@ class SimilarityExperiment(Experiment):
         for s, m in mats.items():
             adjacent = np.array([m[i, i + 1] for i in range(n_layers - 1)])
             curves[f"cos(δ_l, δ_l+1) {SEGMENT_LABELS[s]}"] = {
-                "x": axis[:-1], "y": adjacent.tolist()
+                "x": axis[:-1],
+                "y": adjacent.tolist(),
             }
             with quiet_warnings():
                 headline[f"{s}_adjacent_mean"] = float(np.nanmean(adjacent[: max(1, body - 1)]))
@@ -93,16 +99,22 @@ class SimilarityExperiment(Experiment):
             off = m[~np.eye(n_layers, dtype=bool)]
             headline["last_min_cosine"] = float(np.nanmin(off))
         return Aggregate(
-            table, curves, headline,
-            {"matrices": {s: m.tolist() for s, m in mats.items() if s in SHOWN or s == "further"},
-             "counts": counts},
+            table,
+            curves,
+            headline,
+            {
+                "matrices": {
+                    s: m.tolist() for s, m in mats.items() if s in SHOWN or s == "further"
+                },
+                "counts": counts,
+            },
         )
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
         plt = pyplot()
         shown = [s for s in SHOWN if s in agg.extra["matrices"]]
         fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.9), squeeze=False)
-        for ax, s in zip(axes[0], shown):
+        for ax, s in zip(axes[0], shown, strict=False):
             m = as_array(agg.extra["matrices"][s])
             im = ax.imshow(np.ma.masked_invalid(m), cmap="magma", vmin=-0.2, vmax=1, origin="lower")
             ax.set_title(f"{SEGMENT_LABELS[s]} ({agg.extra['counts'][s]} prompts)", fontsize=9)

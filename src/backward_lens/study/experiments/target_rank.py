@@ -59,8 +59,11 @@ class TargetRankExperiment(Experiment):
         n_layers, top = int(meta["n_layers"]), int(meta["vocab_size"]) - 1
         axis = layer_axis(n_layers)
         scaled = [
-            dict(r, raw=(as_array(r["rank_raw"]) / top).tolist(),
-                 norm=(as_array(r["rank_normalized"]) / top).tolist())
+            dict(
+                r,
+                raw=(as_array(r["rank_raw"]) / top).tolist(),
+                norm=(as_array(r["rank_normalized"]) / top).tolist(),
+            )
             for r in rows
         ]
         raw, counts = segment_means(scaled, "raw")
@@ -98,17 +101,24 @@ class TargetRankExperiment(Experiment):
             "last_share_bottom_1pct_normalized": float((last_norm >= 0.99 * top).mean()),
             "last_share_least_probable_raw": float((last_raw == top).mean()),
             "last_median_tokens_below_raw": float(np.median(top - last_raw)),
-            "other_segments_mean_raw": float(
-                np.nanmean([raw[s][:-1].mean() for s in others])
-            ) if others else None,
+            "other_segments_mean_raw": float(np.nanmean([raw[s][:-1].mean() for s in others]))
+            if others
+            else None,
             "other_segments_mean_normalized": float(
                 np.nanmean([norm[s][:-1].mean() for s in others])
-            ) if others else None,
+            )
+            if others
+            else None,
         }
         return Aggregate(
-            table, curves, headline,
-            {"segments": segs, "raw": {s: raw[s].tolist() for s in segs},
-             "norm": {s: norm[s].tolist() for s in segs}},
+            table,
+            curves,
+            headline,
+            {
+                "segments": segs,
+                "raw": {s: raw[s].tolist() for s in segs},
+                "norm": {s: norm[s].tolist() for s in segs},
+            },
         )
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
@@ -128,15 +138,18 @@ class TargetRankExperiment(Experiment):
         ax.set_ylabel("normalised rank (1 = least probable)")
         ax.legend(fontsize=7)
         ax.set_title("last token δ_n (Fig. 18)", fontsize=9)
-        fig.suptitle(f"{meta['model']}: {agg.headline['records']} prompts, |V| = "
-                     f"{meta['vocab_size']}", fontsize=10)
+        fig.suptitle(
+            f"{meta['model']}: {agg.headline['records']} prompts, |V| = {meta['vocab_size']}",
+            fontsize=10,
+        )
         fig.tight_layout()
         return fig
 
     def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
         h = agg.headline
         return (
-            f"In the last token's δ_n the target's mean normalised rank is {h['last_mean_raw']:.3f} "
+            f"In the last token's δ_n the target's mean normalised rank is "
+            f"{h['last_mean_raw']:.3f} "
             f"(raw lens; {h['last_mean_raw_after_first_quarter']:.3f} after the first quarter of "
             f"the layers, lowest {h['last_min_raw']:.3f} at layer {h['last_min_layer_raw']}) and "
             f"{h['last_mean_normalized']:.3f} with the normalised lens; the target is among the 1% "
