@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 
 def check_layer(lm: LensModel, layer: int, what: str = "layer") -> int:
-    """``layer`` as a non-negative index (negative counts from the end); InputError if out of range."""
+    """``layer`` as an index >= 0 (negative counts from the end); InputError if out of range."""
     n = lm.n_layers
     try:
         index = int(layer)
@@ -151,7 +151,7 @@ def forward_ids(lm: LensModel, ids: Sequence[int]) -> Tensor:
     """Logits [T, V] of one unpadded sequence."""
     input_ids = torch.tensor([list(ids)], device=lm.device)
     out = lm.model(input_ids=input_ids, use_cache=False)
-    return out.logits[0]  # type: ignore[no-any-return]
+    return out.logits[0]
 
 
 @contextmanager

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from backward_lens.editing import shift  # noqa: F401
+from backward_lens.editing import finetune, memit, rome, shift
 
-__all__ = ["shift"]
+__all__ = ["finetune", "memit", "rome", "shift"]

@@ -45,7 +45,7 @@ class UpperBlocks:
         args, kwargs = self._calls[layer]
         self.hidden: Tensor = args[0] if args else kwargs["hidden_states"]
 
-    def _keep(self, k: int):  # type: ignore[no-untyped-def]
+    def _keep(self, k: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self._calls[k] = (args, dict(kwargs))
 
@@ -76,4 +76,4 @@ class UpperBlocks:
         finally:
             if handle is not None:
                 handle.remove()
-        return self.lm.lens.logits(h[0, -1])  # type: ignore[no-any-return]
+        return self.lm.lens.logits(h[0, -1])

@@ -1,0 +1,141 @@
+"""``backward-lens sweep``: pick forward pass shift's layer and eta on a held-out split."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from backward_lens.commands.common import (
+    add_model_arguments,
+    model_from_args,
+    parse_layers,
+    positive_int,
+)
+from backward_lens.data import load_records
+from backward_lens.errors import InputError
+
+NAME = "sweep"
+HELP = "choose forward pass shift's layer and eta (efficacy vs neighbourhood trade-off)"
+DESCRIPTION = """\
+Applies forward pass shift (FF2_l += eta * x_n^T e_t) for every candidate layer and eta to every
+record of a held-out CounterFact split (all records of one grid point share batched forward
+passes, each row carrying its own record's shift), and measures efficacy and paraphrase accuracy
+(every target token is the argmax), neighbourhood accuracy, and ROME's neighbourhood score
+(P(true) > P(new)). It chooses, among the points whose efficacy reaches --min-efficacy, the one
+with the best neighbourhood score (then paraphrase accuracy, then the smaller eta), and writes
+OUT/sweep.csv, OUT/sweep.md and OUT/sweep.png (heatmaps and the trade-off curve).
+
+The default grid: 7 layers between a third of the depth and the last layer, and etas from 1/4 to
+3x the model's current default eta (editing/defaults.py).
+
+Example:
+  backward-lens sweep --model smollm2-135m --data counterfact-val.json --records 64 \\
+      --layers 9-27:3 --etas 0.3,0.6,0.9,1.2,1.8 --out runs/sweep-smollm2
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="held-out CounterFact file (e.g. counterfact-val.json)",
+    )
+    p.add_argument(
+        "--records",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="records of the split to use (first N) (64)",
+    )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="candidate layers, e.g. 9,12,15 or 9-27:3 (every 3rd) (default: 7 layers)",
+    )
+    p.add_argument("--etas", default=None, help="candidate etas, comma-separated")
+    p.add_argument(
+        "--min-efficacy",
+        type=float,
+        default=0.95,
+        help="efficacy accuracy a chosen point must reach, 0..1 (0.95)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="sequences per pass (64)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--quiet", action="store_true", help="print only the chosen values")
+
+
+def _layers(text: str | None, n_layers: int) -> list[int]:
+    if text is None:
+        lo, hi = n_layers // 3, n_layers - 1
+        return sorted({round(lo + i * (hi - lo) / 6) for i in range(7)})
+    if ":" in text:
+        span, _, step = text.partition(":")
+        found = parse_layers(span) or []
+        try:
+            return found[:: int(step)]
+        except ValueError:
+            raise InputError(f"cannot read the step in --layers {text!r}") from None
+    return parse_layers(text) or list(range(n_layers))
+
+
+def _etas(text: str | None, default_eta: float) -> list[float]:
+    if text is None:
+        return [round(default_eta * f, 6) for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)]
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"cannot read --etas {text!r}; give numbers like 0.1,0.2,0.4") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from backward_lens.editing.defaults import editor_defaults
+    from backward_lens.evaluation.sweep import choose, plot_sweep, shift_sweep
+    from backward_lens.io import atomic_write_text
+
+    if not 0 <= args.min_efficacy <= 1:
+        raise InputError(f"--min-efficacy is a fraction in [0, 1], got {args.min_efficacy}")
+    records = load_records(args.data, limit=args.records)
+    lm = model_from_args(args)
+    layers = _layers(args.layers, lm.n_layers)
+    etas = _etas(args.etas, float(editor_defaults(lm, "shift")["eta"]))
+    df = shift_sweep(lm, records, layers, etas, batch_size=args.batch_size, progress=not args.quiet)
+    best = choose(df, args.min_efficacy)
+    out = Path(args.out)
+    atomic_write_text(out / "sweep.csv", df.to_csv(index=False))
+    table = _markdown(df, best)
+    atomic_write_text(out / "sweep.md", table)
+    plot_sweep(
+        df,
+        best,
+        out / "sweep.png",
+        f"forward pass shift sweep: {lm.name}, "
+        f"{int(df.records.iloc[0])} records of {Path(args.data).name}",
+    )
+    if not args.quiet:
+        print(table)
+        print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
+    print(
+        f"chosen for {lm.name}: layer={int(best.layer)} eta={best.eta:g} "
+        f"(efficacy {best.efficacy_acc:.1%}, paraphrase {best.paraphrase_acc:.1%}, "
+        f"neighbourhood score {best.neighborhood_score:.1%}, "
+        f"neighbourhood acc {best.neighborhood_acc:.1%})"
+    )
+    return 0
+
+
+def _markdown(df: pd.DataFrame, best: pd.Series) -> str:
+    head = "| layer | eta | efficacy acc | paraphrase acc | neighborhood acc | neighborhood score |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for _, r in df.iterrows():
+        mark = " **(chosen)**" if r.layer == best.layer and r.eta == best.eta else ""
+        layer = "unedited" if r.eta == 0 else str(int(r.layer))
+        lines.append(
+            f"| {layer} | {r.eta:g}{mark} | {r.efficacy_acc * 100:.1f} | "
+            f"{r.paraphrase_acc * 100:.1f} | {r.neighborhood_acc * 100:.1f} | "
+            f"{r.neighborhood_score * 100:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

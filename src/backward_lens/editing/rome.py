@@ -1,0 +1,381 @@
+"""ROME (Meng et al. 2022): a rank-one update of FF2 at the subject's last token.
+
+1. Key k*: FF2's input at the subject's last token, averaged over the edit prompt preceded by a
+   few short texts sampled from the model ("context templates").
+2. Value v*: FF2's output there plus a vector delta optimised (Adam) so that the model predicts
+   the new target after every templated prompt (teacher-forced NLL), with a KL term keeping
+   "{subject} is a" unchanged, a weight decay and a norm clamp.
+3. Update: W <- W + u (v* - W k*)^T / (u . k*), u = C^-1 k* / |C^-1 k*|, with C the key second
+   moment (``stats.py``). As in r-ROME, the same averaged k* is used in both places, so after the
+   edit FF2 maps k* exactly to v*.
+
+The pieces (templates, subject positions, keys, value optimisation) are reused by MEMIT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backward_lens.capture import frozen_for_capture
+from backward_lens.editing.base import Edit, RewriteRequest, model_fingerprint, register_editor
+from backward_lens.editing.common import (
+    EditedMatrix,
+    as_batch,
+    edit_tokens,
+    editor_factory,
+    eval_mode,
+    ff2,
+    hparams_of,
+    pad_id,
+    pad_right,
+)
+from backward_lens.editing.defaults import editor_defaults
+from backward_lens.editing.stats import SampleConfig, second_moments
+from backward_lens.errors import InputError
+from backward_lens.models import LensModel
+
+_TEMPLATE_CACHE: dict[tuple[str, str, tuple[tuple[int, int], ...], int], list[str]] = {}
+_TEMPLATE_OPENINGS = ("The", "Therefore", "Because", "I", "You")
+
+
+# --------------------------------------------------------------------------- context templates
+
+
+@torch.no_grad()
+def context_prefixes(
+    lm: LensModel, spec: Sequence[Sequence[int]] = ((5, 10), (10, 10)), seed: int = 0
+) -> list[str]:
+    """Prefixes put before the edit prompt: ``""`` plus short sampled texts ending in ". ".
+
+    ``spec`` lists (length in tokens, count) pairs, as ROME's ``context_template_length_params``;
+    the texts are top-k (5) samples from the model after MEMIT's openings, with a fixed seed.
+    """
+    key = (lm.name, model_fingerprint(lm.model), tuple((int(a), int(b)) for a, b in spec), seed)
+    if key in _TEMPLATE_CACHE:
+        return list(_TEMPLATE_CACHE[key])
+    out = [""]
+    tok = lm.tokenizer
+    with eval_mode(lm.model), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for length, count in spec:
+            prompts = [_TEMPLATE_OPENINGS[i % len(_TEMPLATE_OPENINGS)] for i in range(count)]
+            encoded = [tok(p).input_ids for p in prompts]
+            width = max(len(e) for e in encoded)
+            ids = torch.full((count, width), pad_id(lm), dtype=torch.long)
+            mask = torch.zeros((count, width), dtype=torch.long)
+            for b, e in enumerate(encoded):
+                ids[b, width - len(e) :] = torch.tensor(e)
+                mask[b, width - len(e) :] = 1
+            gen = lm.model.generate(  # type: ignore[operator]
+                input_ids=ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                do_sample=True,
+                top_k=5,
+                max_new_tokens=length,
+                pad_token_id=pad_id(lm),
+            )
+            for b, p in enumerate(prompts):
+                text = p + tok.decode(gen[b, width:], skip_special_tokens=True)
+                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+                out.append(text + ". ")
+    _TEMPLATE_CACHE[key] = out
+    return list(out)
+
+
+# --------------------------------------------------------------------------- subject positions
+
+
+def subject_span(prompt: str, subject: str) -> tuple[int, int]:
+    """Character span of the subject's first occurrence in the prompt."""
+    start = prompt.find(subject)
+    if not subject or start < 0:
+        raise InputError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
+    return start, start + len(subject)
+
+
+def encode_at_subject(lm: LensModel, text: str, span: tuple[int, int]) -> tuple[list[int], int]:
+    """Token ids of ``text`` and the index of the last token overlapping ``span`` (characters),
+    found from the tokenizer's offsets (no re-tokenisation of pieces)."""
+    tok = lm.tokenizer
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < span[1] and b > span[0]]
+        if not hits:
+            raise InputError(f"no token of {text!r} covers the subject; check the subject text")
+        return ids, hits[-1]
+    # Slow tokenizers have no offsets: count the tokens of the text up to the subject's end.
+    ids = list(tok(text).input_ids)
+    return ids, len(tok(text[: span[1]]).input_ids) - 1
+
+
+@dataclass(frozen=True)
+class SubjectPrompt:
+    """A token sequence and the position of the subject's last token in it."""
+
+    ids: list[int]
+    index: int
+
+
+def prompts_at_subject(
+    lm: LensModel, request: RewriteRequest, prefixes: Sequence[str]
+) -> list[SubjectPrompt]:
+    """The edit prompt after each prefix, with the subject's last token located."""
+    start, end = subject_span(request.prompt, request.subject)
+    out = []
+    for prefix in prefixes:
+        ids, index = encode_at_subject(
+            lm, prefix + request.prompt, (start + len(prefix), end + len(prefix))
+        )
+        out.append(SubjectPrompt(ids, index))
+    return out
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@torch.no_grad()
+def module_io_at(
+    lm: LensModel, module: nn.Module, prompts: Sequence[SubjectPrompt]
+) -> tuple[Tensor, Tensor]:
+    """Input and output of ``module`` at each prompt's subject position: [N, d_in], [N, d_out]."""
+    ids, mask = pad_right([p.ids for p in prompts], pad_id(lm), lm.device)
+    got: dict[str, Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        got["out"] = as_batch(out, *ids.shape).detach()
+        got["in"] = as_batch(args[0], *ids.shape).detach() if args else got["out"]
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with eval_mode(lm.model):
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    rows = torch.arange(len(prompts), device=ids.device)
+    index = torch.tensor([p.index for p in prompts], device=ids.device)
+    return got["in"][rows, index], got["out"][rows, index]
+
+
+def average_key(
+    lm: LensModel, matrix: EditedMatrix, request: RewriteRequest, prefixes: Sequence[str]
+) -> Tensor:
+    """k*: FF2's input at the subject's last token, averaged over the prefixes, [d_ff]."""
+    keys, _ = module_io_at(lm, matrix.module, prompts_at_subject(lm, request, prefixes))
+    return keys.mean(0)
+
+
+# --------------------------------------------------------------------------- value optimisation
+
+
+@dataclass(frozen=True)
+class ValueConfig:
+    """Hyper-parameters of the value optimisation (ROME's ``v_*`` settings)."""
+
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    stop_loss: float = 5e-2
+
+
+@dataclass
+class ValueResult:
+    """v* = init + delta at the subject's last token of the unprefixed prompt."""
+
+    init: Tensor
+    delta: Tensor
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def target(self) -> Tensor:
+        return self.init + self.delta
+
+
+def optimize_value(
+    lm: LensModel,
+    module: nn.Module,
+    request: RewriteRequest,
+    prefixes: Sequence[str],
+    config: ValueConfig,
+) -> ValueResult:
+    """Find the vector to add to ``module``'s output at the subject's last token (in every
+    templated prompt) that makes the model predict ``request.target_new`` (ROME's compute_v /
+    MEMIT's compute_z; ``module`` is FF2 for ROME, a whole block for MEMIT)."""
+    target_ids = edit_tokens(lm, request.prompt, request.target_new).target_ids
+    rewrites = prompts_at_subject(lm, request, prefixes)
+    kl_text = f"{request.subject} is a"
+    kl_ids, kl_index = encode_at_subject(lm, kl_text, (0, len(request.subject)))
+    seqs = [p.ids + target_ids[:-1] for p in rewrites] + [kl_ids]
+    ids, mask = pad_right(seqs, pad_id(lm), lm.device)
+    b, t = ids.shape
+    labels = torch.full((len(rewrites), t), -100, dtype=torch.long, device=lm.device)
+    for i, p in enumerate(rewrites):
+        labels[i, len(p.ids) - 1 : len(p.ids) - 1 + len(target_ids)] = torch.tensor(target_ids)
+    where = torch.zeros(b, t, 1, device=lm.device)
+    for i, p in enumerate(rewrites):
+        where[i, p.index] = 1.0
+    where[-1, kl_index] = 1.0
+
+    d_out: int | None = None
+    state: dict[str, Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        out = output[0] if isinstance(output, tuple) else output
+        view = as_batch(out, b, t)
+        if "init" not in state:
+            state["init"] = view[0, rewrites[0].index].detach().clone()
+        new = (view + where.to(view.dtype) * state["delta"].to(view.dtype)).reshape(out.shape)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    # The output width: run once without a delta.
+    with torch.no_grad():
+        probe: dict[str, int] = {}
+
+        def width(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            probe["d"] = int(out.shape[-1])
+
+        h = module.register_forward_hook(width)
+        try:
+            with eval_mode(lm.model):
+                lm.model(input_ids=ids[:1, :2], use_cache=False)
+        finally:
+            h.remove()
+        d_out = probe["d"]
+
+    delta = torch.zeros(d_out, device=lm.device, dtype=torch.float32, requires_grad=True)
+    state["delta"] = delta
+    opt = torch.optim.Adam([delta], lr=config.lr)
+    kl_init: Tensor | None = None
+    losses: list[float] = []
+    handle = module.register_forward_hook(hook)
+    try:
+        with frozen_for_capture(lm.model), torch.enable_grad():
+            for it in range(config.steps):
+                opt.zero_grad()
+                logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                kl_logp = F.log_softmax(logits[-1, kl_index].float(), dim=-1)[None]
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()
+                logp = F.log_softmax(logits[: len(rewrites)].float(), dim=-1)
+                keep = labels != -100
+                nll = -(logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * keep).sum(1)
+                nll_loss = (nll / len(target_ids)).mean()
+                kl = config.kl_factor * F.kl_div(
+                    kl_init, kl_logp, log_target=True, reduction="batchmean"
+                )
+                init = state["init"].float()
+                decay = config.weight_decay * (delta.norm() / init.norm() ** 2)
+                loss = nll_loss + kl + decay
+                losses.append(float(loss.detach()))
+                if losses[-1] < config.stop_loss or it == config.steps - 1:
+                    break
+                loss.backward()
+                opt.step()
+                max_norm = config.clamp_norm_factor * init.norm()
+                with torch.no_grad():
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    return ValueResult(state["init"].detach().float(), delta.detach().clone(), losses)
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def inverse_key_direction(c: Tensor, key: Tensor, ridge: float) -> Tensor:
+    """C^-1 k with a small ridge (``ridge`` * mean diagonal of C), in float64."""
+    c = c.double()
+    reg = ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    return torch.linalg.solve(c + reg, key.double().cpu())
+
+
+@dataclass
+class ROME:
+    """ROME with r-ROME's consistent keys.
+
+    Args:
+        layer: block whose FF2 is edited (default: per model, see ``defaults.py``).
+        v_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor: value optimisation.
+        context: (length, count) pairs of sampled prefixes averaged over (ROME: 5x10, 10x10).
+        mom2_adjustment: use u = C^-1 k* (True) or u = k* (False).
+        mom2_ridge: ridge added to C, relative to its mean diagonal.
+        stats_samples, stats_length: the model-sampled text behind C (see ``stats.py``).
+        seed: seed of the context prefixes.
+    """
+
+    layer: int | None = None
+    v_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    context: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    mom2_adjustment: bool = True
+    mom2_ridge: float = 1e-3
+    stats_samples: int = 64
+    stats_length: int = 256
+    seed: int = 0
+    name = "rome"
+
+    def value_config(self, clamp: float | None = None) -> ValueConfig:
+        return ValueConfig(
+            steps=self.v_steps,
+            lr=self.v_lr,
+            weight_decay=self.v_weight_decay,
+            clamp_norm_factor=self.clamp_norm_factor if clamp is None else clamp,
+            kl_factor=self.kl_factor,
+        )
+
+    def sample_config(self) -> SampleConfig:
+        return SampleConfig(n_samples=self.stats_samples, length=self.stats_length)
+
+    def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        layer = self.layer if self.layer is not None else editor_defaults(lm, "rome")["layer"]
+        matrix = ff2(lm, layer)
+        layer = matrix.resolved.layer
+        prefixes = context_prefixes(lm, self.context, self.seed)
+        c = (
+            second_moments(lm, [layer], self.sample_config())[layer]
+            if self.mom2_adjustment
+            else None
+        )
+        total: Tensor | None = None
+        per: list[dict[str, Any]] = []
+        for request in requests:  # several requests: independent rank-one updates, summed
+            key = average_key(lm, matrix, request, prefixes)
+            value = optimize_value(lm, matrix.module, request, prefixes, self.value_config())
+            u = inverse_key_direction(c, key, self.mom2_ridge) if c is not None else key.double()
+            u = u / u.norm()
+            with torch.no_grad():
+                current = matrix.module(key[None].to(matrix.weight.dtype))[0].double()
+            right = (value.target.double().cpu() - current.cpu()) / torch.dot(key.double().cpu(), u)
+            delta = matrix.outer(u.float(), right.float())
+            total = delta if total is None else total + delta
+            per.append(
+                {
+                    "v_losses": value.losses,
+                    "delta_norm": float(value.delta.norm()),
+                    "key_norm": float(key.norm()),
+                }
+            )
+        deltas = {matrix.param: total} if total is not None else {}
+        info: dict[str, Any] = {"per_request": per, "n_prefixes": len(prefixes)}
+        if len(per) == 1:
+            info.update(per[0])
+        return Edit.from_deltas(
+            lm, deltas, self.name, hparams_of(self, layer=layer), requests, info
+        )
+
+
+register_editor("rome")(editor_factory(ROME, "rome"))

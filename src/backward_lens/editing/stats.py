@@ -1,0 +1,205 @@
+"""Second moments of FF2 inputs ("key covariance" C = E[k k^T]) for ROME and MEMIT.
+
+ROME and MEMIT estimate C over Wikipedia text, which is not available offline. Here the text is
+sampled from the model itself: ``n_samples`` continuations of short generic openings ("The",
+"In", "According to"...), top-k sampling with a fixed seed, ``length`` new tokens each. The sample
+is generated once per model and cached; C for a layer is then one forward pass over it (stopped
+right after the deepest layer needed), counting every position except the first of each sequence
+(first positions carry the huge "attention sink" activations of many models and would dominate C).
+
+Both the token sample and each layer's C are cached as safetensors under
+``cache_dir() / "stats"``, keyed by model name, architecture fingerprint, a digest of the weights,
+the layer and the sample configuration, and written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from backward_lens.editing.base import model_fingerprint
+from backward_lens.editing.common import as_batch, eval_mode, ff2, pad_id, pad_right
+from backward_lens.io import atomic_write
+from backward_lens.models import LensModel, cache_dir
+
+OPENINGS = (
+    "The", "In", "A", "It", "This", "He", "She", "They", "When", "After", "According to",
+    "During", "Many", "One of the", "There", "Some",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How the text behind C is sampled from the model.
+
+    Attributes:
+        n_samples: number of sampled texts.
+        length: new tokens per text (generation stops earlier at end-of-sequence).
+        top_k: top-k sampling (temperature 1).
+        seed: RNG seed (the sample is deterministic for a given model and config).
+        batch_size: texts generated / read per batch.
+    """
+
+    n_samples: int = 64
+    length: int = 256
+    top_k: int = 40
+    seed: int = 0
+    batch_size: int = 32
+
+    def key(self) -> str:
+        return f"n{self.n_samples}-len{self.length}-k{self.top_k}-s{self.seed}"
+
+
+def model_key(lm: LensModel) -> str:
+    """Name, architecture and a digest of (the first bytes of) every weight."""
+    h = hashlib.sha256(model_fingerprint(lm.model).encode())
+    for name, p in lm.model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1)[:1024].cpu().float().numpy().tobytes())
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", lm.name.rstrip("/").split("/")[-1])[:60]
+    return f"{name}-{h.hexdigest()[:16]}"
+
+
+def stats_dir() -> Path:
+    return cache_dir() / "stats"
+
+
+def _save(path: Path, tensors: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _load(path: Path) -> dict[str, Tensor] | None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception:  # a corrupt cache entry is recomputed
+        return None
+
+
+@torch.no_grad()
+def sample_texts(lm: LensModel, config: SampleConfig) -> list[list[int]]:
+    """Token ids of the sampled texts (cached on disk)."""
+    path = stats_dir() / f"{model_key(lm)}-samples-{config.key()}.safetensors"
+    cached = _load(path)
+    if cached is not None:
+        ids_list, sizes = cached["ids"].tolist(), cached["lengths"].tolist()
+        out, start = [], 0
+        for n in sizes:
+            out.append(ids_list[start : start + n])
+            start += n
+        return out
+    tok = lm.tokenizer
+    eos = tok.eos_token_id
+    texts: list[list[int]] = []
+    gen = torch.Generator().manual_seed(config.seed)
+    with eval_mode(lm.model), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        batches = range(0, config.n_samples, config.batch_size)
+        for start in tqdm(batches, desc="sampling text for key statistics", leave=False):
+            n = min(config.batch_size, config.n_samples - start)
+            prompts = [tok(OPENINGS[(start + i) % len(OPENINGS)]).input_ids for i in range(n)]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((n, width), pad_id(lm), dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for b, p in enumerate(prompts):  # left padding for generation
+                ids[b, width - len(p) :] = torch.tensor(p)
+                mask[b, width - len(p) :] = 1
+            out = lm.model.generate(  # type: ignore[operator]
+                input_ids=ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                do_sample=True,
+                top_k=config.top_k,
+                temperature=1.0,
+                top_p=1.0,
+                max_new_tokens=config.length,
+                pad_token_id=pad_id(lm),
+            )
+            for b, p in enumerate(prompts):
+                new = out[b, width:].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos)]
+                texts.append(list(p) + new)
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+    flat = torch.tensor([i for t in texts for i in t], dtype=torch.long)
+    _save(path, {"ids": flat, "lengths": lengths})
+    return texts
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the deepest needed layer has run."""
+
+
+@torch.no_grad()
+def second_moments(
+    lm: LensModel, layers: Sequence[int], config: SampleConfig | None = None
+) -> dict[int, Tensor]:
+    """C = E[k k^T] of FF2 inputs k at each layer, [d_ff, d_ff] float64 (cached per layer)."""
+    config = config or SampleConfig()
+    key = model_key(lm)
+    matrices = {layer: ff2(lm, layer) for layer in layers}
+    paths = {
+        layer: stats_dir() / f"{key}-L{m.resolved.layer}-{config.key()}.safetensors"
+        for layer, m in matrices.items()
+    }
+    result: dict[int, Tensor] = {}
+    for layer, path in paths.items():
+        cached = _load(path)
+        if cached is not None:
+            result[layer] = cached["mom2"].double()
+    missing = [layer for layer in matrices if layer not in result]
+    if not missing:
+        return result
+
+    texts = [t for t in sample_texts(lm, config) if len(t) > 1]
+    sums = {layer: torch.zeros(matrices[layer].d_in, matrices[layer].d_in, dtype=torch.float64)
+            for layer in missing}  # fmt: skip
+    count = 0
+    current: dict[str, Tensor] = {}
+    deepest = max(missing, key=lambda layer: matrices[layer].resolved.layer)
+
+    def recorder(layer: int):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            b, t = current["shape"].tolist()
+            x = as_batch(args[0], b, t)[current["keep"]]  # [N, d_ff]
+            sums[layer] += (x.T.double() @ x.double()) if x.numel() else 0.0
+            if layer == deepest:
+                raise _Stop
+
+        return hook
+
+    handles = [matrices[layer].module.register_forward_hook(recorder(layer)) for layer in missing]
+    try:
+        with eval_mode(lm.model):
+            for start in tqdm(
+                range(0, len(texts), config.batch_size), desc="key statistics", leave=False
+            ):
+                batch = texts[start : start + config.batch_size]
+                ids, mask = pad_right(batch, pad_id(lm), lm.device)
+                keep = mask.bool().clone()
+                keep[:, 0] = False  # skip each text's first position (attention sink)
+                current["shape"] = torch.tensor(ids.shape)
+                current["keep"] = keep
+                count += int(keep.sum())
+                with contextlib.suppress(_Stop):
+                    lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in missing:
+        mom2 = sums[layer] / max(count, 1)
+        _save(paths[layer], {"mom2": mom2.float(), "count": torch.tensor(count)})
+        result[layer] = mom2.float().double()
+    return result

@@ -1,0 +1,201 @@
+"""Fine-tuning, ROME and MEMIT on tiny random models, checked against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backward_lens.editing import Edit, RewriteRequest, get_editor
+from backward_lens.editing.common import edit_tokens, ff2
+from backward_lens.editing.finetune import target_nll, teacher_forced_batch
+from backward_lens.editing.rome import (
+    ValueConfig,
+    average_key,
+    context_prefixes,
+    encode_at_subject,
+    module_io_at,
+    optimize_value,
+    prompts_at_subject,
+)
+from backward_lens.editing.stats import SampleConfig, second_moments
+from backward_lens.errors import EditError, InputError
+from tests.tiny import make_tiny
+
+REQ = RewriteRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")
+REQ2 = RewriteRequest("Danielle Darrieux's mother tongue is", "Danielle Darrieux", " English")
+SMALL = {"stats_samples": 4, "stats_length": 8, "context": [[3, 2]], "v_steps": 4}
+METHODS = {
+    "ft": {"layer": 1, "steps": 3},
+    "ft-early": {"steps": 2},
+    "ft-l": {"steps": 2},
+    "rome": {"layer": 1, **SMALL},
+    "memit": {"layers": [0, 1], **SMALL},
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("BACKWARD_LENS_CACHE", str(tmp_path / "cache"))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def expected_params(lm, method: str) -> set[str]:  # type: ignore[no-untyped-def]
+    hp = METHODS[method]
+    layers = hp.get("layers") or [hp.get("layer", 0)]
+    return {ff2(lm, layer).param for layer in layers}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_edit_touches_only_intended_parameters(tokenizer, family, method, tmp_path):  # type: ignore[no-untyped-def]
+    lm = make_tiny(family, tokenizer, seed=1)
+    before = snapshot(lm.model)
+    edit = get_editor(method, **METHODS[method])(lm, [REQ])
+    for k, v in lm.model.named_parameters():  # the editor left the model as it found it
+        assert torch.equal(before[k], v), k
+        assert v.grad is None
+    assert set(edit.deltas) == expected_params(lm, method)
+    edit.apply(lm.model)
+    for k, v in lm.model.named_parameters():
+        if k in edit.deltas:
+            assert not torch.equal(before[k], v), k
+        else:
+            assert torch.equal(before[k], v), k
+    edited = snapshot(lm.model)
+    edit.revert(lm.model)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.named_parameters())
+    # save -> load -> apply on a fresh copy gives the same weights
+    edit.save(tmp_path / method)
+    fresh = make_tiny(family, tokenizer, seed=1)
+    Edit.load(tmp_path / method).apply(fresh.model)
+    assert all(torch.equal(edited[k], v) for k, v in fresh.model.named_parameters())
+
+
+def test_ft_first_step_is_adams_first_step(tokenizer):  # type: ignore[no-untyped-def]
+    lm = make_tiny("llama", tokenizer)
+    lr = 1e-3
+    matrix = ff2(lm, 1)
+    tokens = [edit_tokens(lm, r.prompt, r.target_new) for r in (REQ, REQ2)]
+    ids, mask, labels = teacher_forced_batch(lm, tokens)
+    w = matrix.weight.detach().clone().requires_grad_(True)
+    original = matrix.module.weight
+    matrix.module.weight = torch.nn.Parameter(w)
+    logits = lm.model(input_ids=ids, attention_mask=mask).logits
+    (grad,) = torch.autograd.grad(target_nll(logits, labels), matrix.module.weight)
+    matrix.module.weight = original
+    # Teacher forcing by hand for one request: NLL of each target token after the prompt.
+    t = tokens[0]
+    alone = lm.model(input_ids=torch.tensor([t.prompt_ids + t.target_ids[:-1]])).logits[0]
+    logp = alone.log_softmax(-1)
+    n = len(t.prompt_ids)
+    hand = -sum(logp[n - 1 + j, tid] for j, tid in enumerate(t.target_ids)) / len(t.target_ids)
+    single = target_nll(lm.model(input_ids=ids[:1], attention_mask=mask[:1]).logits, labels[:1])
+    torch.testing.assert_close(single, hand, rtol=1e-5, atol=1e-5)
+
+    edit = get_editor("ft", layer=1, lr=lr, steps=1)(lm, [REQ, REQ2])
+    expected = -lr * grad / (grad.abs() + 1e-8)  # Adam's first step (bias-corrected moments)
+    torch.testing.assert_close(edit.deltas[matrix.param], expected, rtol=1e-3, atol=1e-7)
+
+
+def test_ft_norm_constraint_bounds_every_entry(tokenizer):  # type: ignore[no-untyped-def]
+    lm = make_tiny("gpt2", tokenizer)
+    edit = get_editor("ft", layer=1, lr=1e-2, steps=3, norm_constraint=1e-3)(lm, [REQ])
+    (delta,) = edit.deltas.values()
+    assert float(delta.abs().max()) <= 1e-3 + 1e-7
+    assert float(delta.abs().max()) > 5e-4  # the constraint was active
+
+
+def test_subject_position_from_offsets(tokenizer):  # type: ignore[no-untyped-def]
+    lm = make_tiny("llama", tokenizer)
+    ids, index = encode_at_subject(lm, REQ.prompt, (4, 16))  # "Eiffel Tower"
+    assert lm.tokenizer.decode(ids[index]).strip() == "Tower"
+    assert lm.tokenizer.decode(ids[index + 1]).strip() == "is"
+    (p,) = prompts_at_subject(lm, REQ2, ["Some prefix. "])
+    assert lm.tokenizer.decode(p.ids[: p.index + 1]).endswith("Darrieux")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rome_maps_average_key_to_optimised_value(tokenizer, family):  # type: ignore[no-untyped-def]
+    lm = make_tiny(family, tokenizer)
+    hp = {"layer": 1, **SMALL}
+    edit = get_editor("rome", **hp)(lm, [REQ])
+    matrix = ff2(lm, 1)
+    prefixes = context_prefixes(lm, hp["context"])
+    assert len(prefixes) == 3 and prefixes[0] == ""
+    key = average_key(lm, matrix, REQ, prefixes)
+    value = optimize_value(lm, matrix.module, REQ, prefixes, ValueConfig(steps=4))
+    (delta,) = edit.deltas.values()
+    assert torch.linalg.matrix_rank(delta) == 1
+    with edit.applied(lm.model), torch.no_grad():
+        mapped = matrix.module(key[None])[0]
+        # FF2's input at layer 1 does not depend on FF2 at layer 1: the key is unchanged.
+        torch.testing.assert_close(average_key(lm, matrix, REQ, prefixes), key)
+    torch.testing.assert_close(mapped, value.target, rtol=1e-4, atol=1e-4)
+    # The left vector is C^-1 k*: the update's input side is orthogonal, under C, to keys
+    # C-orthogonal to k* (u^T x = 0 when x = C y with y orthogonal to k*).
+    c = second_moments(lm, [1], SampleConfig(n_samples=4, length=8))[1]
+    y = torch.randn(key.shape[0], dtype=torch.float64)
+    y -= (y @ key.double()) / key.double().norm() ** 2 * key.double()
+    x = (c + 1e-3 * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)) @ y
+    out = x.float() @ delta if matrix.layout == "in_out" else delta @ x.float()
+    assert float(out.norm()) < 1e-3 * float(delta.norm()) * float(x.norm())
+
+
+def test_memit_one_layer_small_prior_reaches_z(tokenizer):  # type: ignore[no-untyped-def]
+    lm = make_tiny("gpt2", tokenizer)
+    # No prefixes: the key MEMIT solves for is then exactly the plain prompt's key.
+    hp = {"layers": [1], "mom2_update_weight": 1e-6, **SMALL, "context": []}
+    edit = get_editor("memit", **hp)(lm, [REQ])
+    prefixes = context_prefixes(lm, hp["context"])
+    block = lm.arch.layers[1]
+    z = optimize_value(lm, block, REQ, prefixes, ValueConfig(steps=4, clamp_norm_factor=0.75))
+    plain = prompts_at_subject(lm, REQ, [""])
+    _, before = module_io_at(lm, block, plain)
+    with edit.applied(lm.model):
+        _, after = module_io_at(lm, block, plain)
+    assert float((after[0] - before[0]).norm()) > 0.1 * float(z.delta.norm())
+    torch.testing.assert_close(after[0], z.target, rtol=1e-3, atol=2e-3)
+
+
+def test_memit_batch_edits_several_facts(tokenizer):  # type: ignore[no-untyped-def]
+    lm = make_tiny("llama", tokenizer)
+    edit = get_editor("memit", layers=[0, 1], **SMALL)(lm, [REQ, REQ2])
+    assert len(edit.requests) == 2
+    for delta in edit.deltas.values():
+        assert torch.linalg.matrix_rank(delta) == 2
+
+
+def test_statistics_are_cached_and_reused(tokenizer, tmp_path):  # type: ignore[no-untyped-def]
+    lm = make_tiny("gpt2", tokenizer)
+    cfg = SampleConfig(n_samples=3, length=5)
+    first = second_moments(lm, [0, 2], cfg)
+    files = sorted(p.name for p in (tmp_path / "cache" / "stats").iterdir())
+    assert len(files) == 3  # the token sample and one file per layer
+    again = second_moments(lm, [2, 0], cfg)
+    assert all(torch.equal(first[k], again[k]) for k in (0, 2))
+    assert torch.allclose(first[0], first[0].T)
+    assert float(torch.linalg.eigvalsh(first[0]).min()) > -1e-6
+
+
+def test_bad_inputs(tokenizer):  # type: ignore[no-untyped-def]
+    lm = make_tiny("gpt2", tokenizer)
+    no_subject = RewriteRequest(REQ.prompt, "", " Rome")
+    with pytest.raises(InputError):
+        get_editor("rome", layer=1, **SMALL)(lm, [no_subject])
+    with pytest.raises(InputError):
+        get_editor("rome", layer=7)(lm, [REQ])
+    with pytest.raises(InputError):
+        get_editor("memit", layers=[1, 9])(lm, [REQ])
+    with pytest.raises(InputError):
+        get_editor("ft", layer=-9)(lm, [REQ])
+    with pytest.raises(InputError):
+        get_editor("ft", layer=1, steps=0)(lm, [REQ])
+    with pytest.raises(InputError):
+        get_editor("rome", eta=0.3)
+    llama = make_tiny("llama", tokenizer)
+    edit = get_editor("ft", layer=1, steps=1)(lm, [REQ])
+    with pytest.raises(EditError):
+        edit.apply(llama.model)
