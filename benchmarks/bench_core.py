@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -150,7 +151,10 @@ def bench_transformer_lens(tokenizer: object, repeat: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
         tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
-        bridge = TransformerBridge.boot_transformers(folder, hf_model=model, tokenizer=tokenizer)
+        # TransformerLens swaps the model's modules for its own bridges: give it a copy
+        bridge = TransformerBridge.boot_transformers(
+            folder, hf_model=copy.deepcopy(model), tokenizer=tokenizer
+        )
     wanted = {
         f"blocks.{i}.mlp.{m}.hook_{s}"
         for i in range(12)

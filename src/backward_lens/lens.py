@@ -105,7 +105,7 @@ class VocabularyLens(nn.Module):
         k: int = 5,
         target: int | Tensor | None = None,
         normalized: bool = False,
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
     ) -> Projection:
         """Top-k, bottom-k and target rank of every row of ``vectors`` [N, d].
 
@@ -114,7 +114,8 @@ class VocabularyLens(nn.Module):
             k: how many top and bottom tokens to keep.
             target: a token id for all rows, or one id per row ([N]); None to skip ranks.
             normalized: L2-normalise each vector first (the paper's normalised logit lens, App. H).
-            chunk_size: rows per matmul, to bound memory with large vocabularies.
+            chunk_size: rows per matmul (default: about 8M logits, so each chunk stays in cache
+                and memory is bounded for large vocabularies).
         """
         vectors = vectors.reshape(-1, vectors.shape[-1])
         n = vectors.shape[0]
@@ -123,6 +124,8 @@ class VocabularyLens(nn.Module):
         if target is not None:
             targets = torch.as_tensor(target, device=self.unembed.device).reshape(-1)
             targets = targets.expand(n) if targets.numel() == 1 else targets
+        if chunk_size is None:
+            chunk_size = max(16, (1 << 23) // self.vocab_size)
         parts: list[tuple[Tensor, ...]] = []
         for start in range(0, n, chunk_size):
             logits = self.logits(vectors[start : start + chunk_size], normalized)
@@ -132,7 +135,7 @@ class VocabularyLens(nn.Module):
             if targets is not None:
                 t = targets[start : start + chunk_size]
                 t_logit = logits.gather(-1, t[:, None])
-                rank = (logits > t_logit).sum(-1)
+                rank = (logits > t_logit).sum(-1, dtype=torch.int32).long()
             else:
                 rank = torch.zeros(0)
             parts.append((top_i, (top_v - lse).exp(), bot_i, (bot_v - lse).exp(), rank))
