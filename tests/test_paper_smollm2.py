@@ -45,7 +45,7 @@ def test_lemma_5_1_vjp_at_the_final_hidden_state(smollm2: LensModel, eiffel: Cap
     """dL/dh = -(1 - p_t) D[t] + sum_{k != t} p_k D[k], computed by hand from the logits."""
     p = eiffel.logits[0].double().softmax(-1)
     t = eiffel.target_id
-    d_t = smollm2.arch.unembedding()[0].double()  # rows are D^T[k]
+    d_t = smollm2.arch.unembedding()[0].detach().double()  # rows are D^T[k]
     coef = p.clone()
     coef[t] = p[t] - 1.0
     by_hand = coef @ d_t
