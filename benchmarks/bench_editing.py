@@ -28,7 +28,10 @@ from backward_lens.errors import InputError
 from backward_lens.evaluation import EvalSettings, evaluate
 from backward_lens.models import load_model
 
-DEFAULT_DATA = "/work/shared/data/counterfact/easyedit_format/counterfact-edit.json"
+DEFAULT_DATA = str(
+    Path(__file__).resolve().parents[1].parent
+    / "shared/data/counterfact/easyedit_format/counterfact-edit.json"
+)
 
 
 def _median_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from backward_lens.study import run_study
+from tests.paths import COUNTERFACT_EDIT
 
-COUNTERFACT = "/work/shared/data/counterfact/easyedit_format/counterfact-edit.json"
+COUNTERFACT = str(COUNTERFACT_EDIT)
 
 
 @pytest.mark.slow

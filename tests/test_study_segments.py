@@ -10,8 +10,9 @@ from tokenizers.processors import TemplateProcessing
 from backward_lens.data import load_records
 from backward_lens.errors import DataError
 from backward_lens.study.segments import SEGMENTS, segment_prompt
+from tests.paths import COUNTERFACT_EDIT
 
-COUNTERFACT = "/work/shared/data/counterfact/easyedit_format/counterfact-edit.json"
+COUNTERFACT = str(COUNTERFACT_EDIT)
 
 
 def _seg(tok, prompt: str, subject: str, occurrence: int = 0):
