@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,20 +25,13 @@ import torch
 from backward_lens.capture import capture_requests
 from backward_lens.models import LensModel, load_model, wrap
 from backward_lens.tokens import encode_request
+from timing import median_time
 
 PROMPT = "The Eiffel Tower, built in 1889 for the World's Fair, is located in the city of"
 
 
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``repeat`` runs, after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_time(fn, repeat, warmup)
 
 
 def bench_capture(lm: LensModel, repeat: int) -> None:

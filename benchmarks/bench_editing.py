@@ -27,20 +27,12 @@ from backward_lens.editing import RewriteRequest, get_editor
 from backward_lens.errors import InputError
 from backward_lens.evaluation import EvalSettings, evaluate
 from backward_lens.models import load_model
+from timing import median_time
 
 DEFAULT_DATA = str(
     Path(__file__).resolve().parents[1].parent
     / "shared/data/counterfact/easyedit_format/counterfact-edit.json"
 )
-
-
-def _median_time(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -80,11 +72,11 @@ def main() -> None:
 def time_edits(lm, requests, forward, args) -> None:  # type: ignore[no-untyped-def]
     for req in requests[:2]:
         forward(req)  # warm-up
-    t_fwd = statistics.median(_median_time(lambda r=r: forward(r), 3) for r in requests)
+    t_fwd = statistics.median(median_time(lambda r=r: forward(r), 3) for r in requests)
 
     shift = get_editor("shift")
     shift(lm, requests[:1])
-    t_shift = statistics.median(_median_time(lambda r=r: shift(lm, [r]), 3) for r in requests)
+    t_shift = statistics.median(median_time(lambda r=r: shift(lm, [r]), 3) for r in requests)
     print(f"one forward pass of the edit prompt: {t_fwd * 1e3:.1f} ms (median)")
     print(f"forward pass shift, time per edit:  {t_shift * 1e3:.1f} ms (median)")
     print(f"  shift / forward = {t_shift / t_fwd:.2f}  (goal <= 1.5)")
@@ -103,7 +95,7 @@ def time_edits(lm, requests, forward, args) -> None:  # type: ignore[no-untyped-
         reps = args.edits if name == "shift-adaptive" else args.slow_edits
         editor(lm, requests[:1])  # warm-up (e.g. ROME's covariance statistics, cached)
         t = statistics.median(
-            _median_time(lambda r=r, e=editor: e(lm, [r]), 1) for r in requests[:reps]
+            median_time(lambda r=r, e=editor: e(lm, [r]), 1) for r in requests[:reps]
         )
         print(
             f"{name}, time per edit: {t * 1e3:.1f} ms (median of {reps}); "

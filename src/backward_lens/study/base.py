@@ -42,6 +42,11 @@ class StudyOptions:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def resolve_layer(self, n_layers: int, default: int) -> int:
+        """The studied block: ``layer`` (negative: from the end), else the experiment's default."""
+        layer = self.layer if self.layer is not None else default
+        return layer + n_layers if layer < 0 else layer
+
 
 @dataclass
 class Item:

@@ -116,9 +116,7 @@ class ImprintShiftExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
-        layer = options.layer if options.layer is not None else default_layer(lm.n_layers)
-        if layer < 0:
-            layer += lm.n_layers
+        layer = options.resolve_layer(lm.n_layers, default_layer(lm.n_layers))
         lr = options.lr
         ids = list(capture.request.input_ids)
         n = len(ids)

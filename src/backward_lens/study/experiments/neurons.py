@@ -81,9 +81,7 @@ class NeuronsExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
-        layer = options.layer if options.layer is not None else default_layer(lm.n_layers)
-        if layer < 0:
-            layer += lm.n_layers
+        layer = options.resolve_layer(lm.n_layers, default_layer(lm.n_layers))
         odd = _lens_is_odd(lm)
         k = options.top
         out: dict[str, Any] = {"layer": layer, "tokens": capture.tokens, "odd_lens": odd}
