@@ -7,7 +7,11 @@ import torch
 
 from backward_lens.editing import Edit, RewriteRequest, get_editor
 from backward_lens.editing.common import edit_tokens, ff2
-from backward_lens.editing.finetune import target_nll, teacher_forced_batch
+from backward_lens.editing.finetune import (
+    target_nll,
+    target_nll_from_hidden,
+    teacher_forced_batch,
+)
 from backward_lens.editing.rome import (
     ValueConfig,
     average_key,
@@ -18,6 +22,7 @@ from backward_lens.editing.rome import (
     prompts_at_subject,
 )
 from backward_lens.editing.stats import SampleConfig, second_moments
+from backward_lens.editing.upper import UpperBlocks
 from backward_lens.errors import EditError, InputError
 from tests.tiny import make_tiny
 
@@ -100,6 +105,28 @@ def test_ft_first_step_is_adams_first_step(tokenizer):  # type: ignore[no-untype
     torch.testing.assert_close(edit.deltas[matrix.param], expected, rtol=1e-3, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_ft_loss_from_upper_blocks_equals_full_model(tokenizer, family):  # type: ignore[no-untyped-def]
+    """FT's loss and weight gradient from the blocks above the layer and the head at the
+    target positions only equal those of whole-model logits (padded batch of two)."""
+    lm = make_tiny(family, tokenizer)
+    tokens = [edit_tokens(lm, r.prompt, r.target_new) for r in (REQ, REQ2)]
+    ids, mask, labels = teacher_forced_batch(lm, tokens)
+    for layer in (0, 2):
+        weight = ff2(lm, layer).weight
+        weight.requires_grad_(True)
+        try:
+            full = target_nll(lm.model(input_ids=ids, attention_mask=mask).logits, labels)
+            (g_full,) = torch.autograd.grad(full, weight)
+            upper = UpperBlocks(lm, layer, ids, mask)
+            fast = target_nll_from_hidden(lm, upper.final_hidden(), labels)
+            (g_fast,) = torch.autograd.grad(fast, weight)
+        finally:
+            weight.requires_grad_(False)
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+        assert float((g_fast - g_full).norm() / g_full.norm()) < 1e-5
+
+
 def test_ft_norm_constraint_bounds_every_entry(tokenizer):  # type: ignore[no-untyped-def]
     lm = make_tiny("gpt2", tokenizer)
     edit = get_editor("ft", layer=1, lr=1e-2, steps=3, norm_constraint=1e-3)(lm, [REQ])
@@ -126,7 +153,7 @@ def test_rome_maps_average_key_to_optimised_value(tokenizer, family):  # type: i
     prefixes = context_prefixes(lm, hp["context"])
     assert len(prefixes) == 3 and prefixes[0] == ""
     key = average_key(lm, matrix, REQ, prefixes)
-    value = optimize_value(lm, matrix.module, REQ, prefixes, ValueConfig(steps=4))
+    value = optimize_value(lm, matrix.module, 1, REQ, prefixes, ValueConfig(steps=4))
     (delta,) = edit.deltas.values()
     assert torch.linalg.matrix_rank(delta) == 1
     with edit.applied(lm.model), torch.no_grad():
@@ -144,6 +171,85 @@ def test_rome_maps_average_key_to_optimised_value(tokenizer, family):  # type: i
     assert float(out.norm()) < 1e-3 * float(delta.norm()) * float(x.norm())
 
 
+def _value_by_full_passes(lm, module, request, prefixes, config):  # type: ignore[no-untyped-def]
+    """ROME's compute_v written plainly: whole-model forward passes, logits everywhere."""
+    import torch.nn.functional as F
+
+    target = edit_tokens(lm, request.prompt, request.target_new).target_ids
+    rewrites = prompts_at_subject(lm, request, prefixes)
+    kl_ids, kl_index = encode_at_subject(lm, f"{request.subject} is a", (0, len(request.subject)))
+    seqs = [p.ids + target[:-1] for p in rewrites] + [kl_ids]
+    width = max(len(x) for x in seqs)
+    ids = torch.tensor([x + [0] * (width - len(x)) for x in seqs])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+    at = [(i, p.index) for i, p in enumerate(rewrites)] + [(len(seqs) - 1, kl_index)]
+    delta = torch.zeros(lm.arch.unembedding()[0].shape[1], requires_grad=True)
+    seen = {}
+
+    def hook(mod, args, output):  # type: ignore[no-untyped-def]
+        out = output[0] if isinstance(output, tuple) else output
+        seen.setdefault("init", out[0, rewrites[0].index].detach().clone())
+        add = torch.zeros_like(out)
+        for i, j in at:
+            add[i, j] = delta
+        new = out + add
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    opt = torch.optim.Adam([delta], lr=config.lr)
+    losses, kl_init = [], None
+    handle = module.register_forward_hook(hook)
+    try:
+        for it in range(config.steps):
+            opt.zero_grad()
+            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            kl_logp = F.log_softmax(logits[-1, kl_index], -1)[None]
+            kl_init = kl_logp.detach() if kl_init is None else kl_init
+            nll = 0.0
+            for i, p in enumerate(rewrites):
+                logp = F.log_softmax(logits[i], -1)
+                for j, tok in enumerate(target):
+                    nll = nll - logp[len(p.ids) - 1 + j, tok] / len(target)
+            init = seen["init"]
+            loss = (
+                nll / len(rewrites)
+                + config.kl_factor
+                * F.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+                + config.weight_decay * delta.norm() / init.norm() ** 2
+            )
+            losses.append(float(loss.detach()))
+            if it == config.steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > config.clamp_norm_factor * init.norm():
+                    delta.mul_(config.clamp_norm_factor * init.norm() / delta.norm())
+    finally:
+        handle.remove()
+    return losses, delta.detach()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_value_optimisation_equals_full_forward_passes(tokenizer, family):  # type: ignore[no-untyped-def]
+    """Running only the upper blocks, with the head only at the scored positions, gives the
+    losses and delta of plain whole-model passes (padded batch, multi-token target)."""
+    lm = make_tiny(family, tokenizer)
+    request = RewriteRequest(REQ.prompt, REQ.subject, " Rome and Paris")
+    prefixes = ["", "A short one. ", "A rather longer prefix sentence here. "]
+    config = ValueConfig(steps=4, stop_loss=0.0)
+    for layer, module in [  # at the last layer the loss does not see the subject position
+        (0, ff2(lm, 0).module),
+        (1, ff2(lm, 1).module),
+        (1, lm.arch.layers[1]),  # MEMIT's z: a whole block's output
+    ]:
+        got = optimize_value(lm, module, layer, request, prefixes, config)
+        losses, delta = _value_by_full_passes(lm, module, request, prefixes, config)
+        assert len(got.losses) == config.steps
+        assert got.losses == pytest.approx(losses, rel=1e-5)
+        assert float((got.delta - delta).norm() / delta.norm()) < 1e-4
+        assert float(got.delta.norm()) > 0
+
+
 def test_memit_one_layer_small_prior_reaches_z(tokenizer):  # type: ignore[no-untyped-def]
     lm = make_tiny("gpt2", tokenizer)
     # No prefixes: the key MEMIT solves for is then exactly the plain prompt's key.
@@ -151,7 +257,7 @@ def test_memit_one_layer_small_prior_reaches_z(tokenizer):  # type: ignore[no-un
     edit = get_editor("memit", **hp)(lm, [REQ])
     prefixes = context_prefixes(lm, hp["context"])
     block = lm.arch.layers[1]
-    z = optimize_value(lm, block, REQ, prefixes, ValueConfig(steps=4, clamp_norm_factor=0.75))
+    z = optimize_value(lm, block, 1, REQ, prefixes, ValueConfig(steps=4, clamp_norm_factor=0.75))
     plain = prompts_at_subject(lm, REQ, [""])
     _, before = module_io_at(lm, block, plain)
     with edit.applied(lm.model):

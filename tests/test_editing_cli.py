@@ -63,6 +63,17 @@ def test_text_output(tiny, capsys):  # type: ignore[no-untyped-def]
     assert "before:" in text and "after:" in text and "model.layers.1.mlp.down_proj" in text
 
 
+def test_refused_adaptive_edit_says_so(tiny, capsys):  # type: ignore[no-untyped-def]
+    argv = [*BASE, "--model", "llama", "--layer", "1", "--max-new-tokens", "2"]
+    tiny_cap = ["--method", "shift-adaptive", "--eta", "1e-7", "--hparam", "eta_max=2e-7"]
+    assert main([*argv, *tiny_cap]) == 0
+    text = capsys.readouterr().out
+    assert "edit refused" in text and "edited: nothing" in text
+    assert main([*argv, *tiny_cap, "--hparam", "on_failure=cap"]) == 0
+    text = capsys.readouterr().out
+    assert "applied the cap anyway" in text and "model.layers.1.mlp.down_proj" in text
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -54,7 +54,9 @@ def test_delta_equals_hand_computed_outer_product(tokenizer, family):  # type: i
 def test_changes_only_ff2_and_reverts_bit_for_bit(tokenizer, family, method):  # type: ignore[no-untyped-def]
     lm = make_tiny(family, tokenizer)
     before = snapshot(lm.model)
-    edit = get_editor(method, layer=2)(lm, [REQ])
+    # a random tiny model may need more than the cap: apply it anyway so there is a delta
+    extra = {"on_failure": "cap"} if method == "shift-adaptive" else {}
+    edit = get_editor(method, layer=2, **extra)(lm, [REQ])
     assert all(torch.equal(before[k], v) for k, v in lm.model.named_parameters())  # untouched
     target_param = ff2(lm, 2).param
     assert list(edit.deltas) == [target_param]
@@ -130,7 +132,7 @@ def test_adaptive_eta_is_smallest_that_makes_target_top1(tokenizer, family):  # 
     lm = make_tiny(family, tokenizer)
     t = lm.tokenizer(" Rome", add_special_tokens=False).input_ids[0]
     assert int(last_logits(lm, REQ.prompt).argmax()) != t
-    edit = get_editor("shift-adaptive", layer=1, eta=0.01, rtol=0.01)(lm, [REQ])
+    edit = get_editor("shift-adaptive", layer=1, eta=0.01, eta_max=10.0, rtol=0.01)(lm, [REQ])
     info = edit.info
     assert info["success"] and not info["skipped"]
     assert info["eta"] - info["eta_lower"] <= 0.01 * info["eta"] + 1e-12
@@ -143,6 +145,42 @@ def test_adaptive_eta_is_smallest_that_makes_target_top1(tokenizer, family):  # 
     fixed = get_editor("shift", layer=1, eta=info["eta"])(lm, [REQ])
     (k,) = edit.deltas
     torch.testing.assert_close(edit.deltas[k], fixed.deltas[k])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "gemma3_text"])
+def test_each_equals_single_edits(tokenizer, family):  # type: ignore[no-untyped-def]
+    """Edits from one padded probe pass equal edits made one request at a time."""
+    lm = make_tiny(family, tokenizer)
+    requests = [
+        REQ,
+        RewriteRequest("Danielle Darrieux's mother tongue is", "Danielle Darrieux", " English"),
+        RewriteRequest("Paris is the capital of", "Paris", " Italy"),
+    ]
+    editor = get_editor("shift", layer=1, eta=0.5)
+    together = editor.each(lm, requests)  # type: ignore[attr-defined]
+    assert len(together) == len(requests)
+    for request, edit in zip(requests, together, strict=True):
+        alone = editor(lm, [request])
+        assert edit.requests == alone.requests and edit.hparams == alone.hparams
+        assert edit.info["skipped"] == alone.info["skipped"]
+        assert edit.deltas.keys() == alone.deltas.keys()
+        for k in alone.deltas:
+            torch.testing.assert_close(edit.deltas[k], alone.deltas[k], rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_refuses_or_caps_when_the_cap_is_not_enough(tokenizer):  # type: ignore[no-untyped-def]
+    lm = make_tiny("llama", tokenizer)
+    tiny_cap = {"layer": 1, "eta": 1e-7, "eta_max": 2e-7}
+    refused = get_editor("shift-adaptive", **tiny_cap)(lm, [REQ])
+    assert not refused.info["success"] and refused.info["refused"]
+    assert refused.info["eta"] == 0.0 and not refused.deltas
+    capped = get_editor("shift-adaptive", on_failure="cap", **tiny_cap)(lm, [REQ])
+    assert not capped.info["success"] and not capped.info["refused"]
+    fixed = get_editor("shift", layer=1, eta=2e-7)(lm, [REQ])
+    (k,) = fixed.deltas
+    torch.testing.assert_close(capped.deltas[k], fixed.deltas[k])
+    with pytest.raises(InputError):
+        get_editor("shift-adaptive", on_failure="ignore")(lm, [REQ])
 
 
 def test_edit_refuses_other_architecture(tokenizer):  # type: ignore[no-untyped-def]

@@ -101,17 +101,27 @@ SETTINGS = EvalSettings(
 
 
 def _strip(rows: list[dict]) -> dict:  # type: ignore[type-arg]
-    """Lines keyed by (label, case_id), without the wall time."""
-    return {
-        (r["label"], r["case_id"]): {k: v for k, v in r.items() if k != "time_edit"} for r in rows
-    }
+    """Lines keyed by (label, case_id), without the wall time (and how edits were batched)."""
+    drop = ("time_edit", "edit_batch")
+    return {(r["label"], r["case_id"]): {k: v for k, v in r.items() if k not in drop} for r in rows}
+
+
+def _close(a, b) -> bool:  # type: ignore[no-untyped-def]
+    """Equal, with floats compared to 1e-5 (batched passes sum in another order)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    return bool(a == b)
 
 
 def _assert_same(a: dict, b: dict) -> None:  # type: ignore[type-arg]
     assert a.keys() == b.keys()
     for key in a:
         ma, mb = a[key].pop("metrics", {}), b[key].pop("metrics", {})
-        assert a[key] == b[key]
+        assert _close(a[key], b[key]), key
         assert ma.keys() == mb.keys()
         for m in ma:
             if ma[m] is None or mb[m] is None:
@@ -190,8 +200,11 @@ def test_resume_after_interruption_is_identical(tiny, tmp_path: Path) -> None:  
 
 def test_batched_and_one_at_a_time_agree(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     records = load_records(easyedit_file(tmp_path / "cf.json"))
-    methods = ["unedited", "test-random"]
+    # shift's batched path also computes all the group's edits in one pass (``each``)
+    methods = ["unedited", "test-random", "shift:layer=1,eta=0.5"]
     evaluate(tiny, records, methods, tmp_path / "a", settings=SETTINGS, progress=False)
+    rows = read_results(tmp_path / "a")
+    assert {r.get("edit_batch") for r in rows if r["method"] == "shift"} == {SETTINGS.group_size}
     single = EvalSettings(
         batch_size=1, group_size=1, fluency_records=2, ppl_records=3, generation_length=16
     )

@@ -83,7 +83,12 @@ class VocabularyLens(nn.Module):
 
     @torch.no_grad()
     def logits(self, vectors: Tensor, normalized: bool = False) -> Tensor:
-        """Lens logits of ``vectors`` [..., d] -> [..., V] (float32)."""
+        """Lens logits of ``vectors`` [..., d] -> [..., V] (float32), without a graph."""
+        return self(vectors, normalized)
+
+    def forward(self, vectors: Tensor, normalized: bool = False) -> Tensor:
+        """Lens logits of ``vectors`` [..., d] -> [..., V] (float32), differentiable: the
+        model's own head applied to hidden states (used to optimise through it)."""
         h = vectors.to(self.unembed.device, self.unembed.dtype)
         if normalized:
             h = F.normalize(h, dim=-1)

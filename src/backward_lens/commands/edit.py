@@ -213,7 +213,17 @@ def format_result(result: dict[str, Any]) -> str:
     )
     lines = [f"{result['method']} on {result['model']} ({hp}); {source}"]
     chosen = result["info"].get("eta")
-    if result["method"] == "shift-adaptive" and chosen is not None:
+    if result["info"].get("success") is False:
+        cap = result["hparams"].get("eta_max")
+        lines.append(
+            f"even eta_max={cap:.4g} does not make the target top-1: "
+            + (
+                "edit refused (raise eta_max, or pass on_failure=cap to apply it anyway)"
+                if result["info"].get("refused")
+                else "applied the cap anyway (on_failure=cap)"
+            )
+        )
+    elif result["method"] == "shift-adaptive" and chosen is not None:
         lines.append(
             f"chosen eta {chosen:.4g} (eta {result['info'].get('eta_lower', 0):.4g} "
             f"does not make the target top-1); {result['info'].get('runs')} re-runs"

@@ -1,5 +1,8 @@
 """Fine-tuning baselines (spec §6.3): Adam on one layer's FF2 weight, as in ROME/MEMIT's FT.
 
+Only the blocks from the trained layer up are run at each step (the blocks below see no
+trainable weight, so their output is computed once), and the LM head only where the loss reads it.
+
 The loss is the NLL of the new target's tokens, teacher-forced after the prompt (mean over the
 target's tokens, then over requests). Up to ``steps`` Adam steps; stop early once the loss is below
 ``early_stop_loss``. With ``norm_constraint`` each step is followed by clamping the weight to an
@@ -26,12 +29,14 @@ from backward_lens.editing.common import (
     EditTokens,
     edit_tokens,
     editor_factory,
+    eval_mode,
     ff2,
     hparams_of,
     pad_id,
     pad_right,
 )
 from backward_lens.editing.defaults import editor_defaults
+from backward_lens.editing.upper import UpperBlocks
 from backward_lens.errors import InputError
 from backward_lens.models import LensModel
 
@@ -55,6 +60,18 @@ def target_nll(logits: Tensor, labels: Tensor) -> Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * keep
     return (nll.sum(1) / keep.sum(1)).mean()
+
+
+def target_nll_from_hidden(lm: LensModel, hidden: Tensor, labels: Tensor) -> Tensor:
+    """:func:`target_nll` from the last block's output [B, T, d], with the LM head applied only
+    at the labelled positions (the same value and gradient, without [B, T, V] logits)."""
+    keep = labels != -100
+    logp = F.log_softmax(lm.lens(hidden[keep]), dim=-1)  # [M, V]
+    nll = -logp.gather(-1, labels[keep][:, None])[:, 0]
+    rows = keep.nonzero()[:, 0]
+    per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device)
+    per_row = per_row.index_add(0, rows, nll) / keep.sum(1)
+    return per_row.mean()
 
 
 @dataclass
@@ -95,14 +112,15 @@ class FineTune:
         weight = matrix.weight
         original = weight.detach().clone()
         losses: list[float] = []
+        with eval_mode(lm.model):
+            upper = UpperBlocks(lm, matrix.resolved.layer, ids, mask)
         try:
             with frozen_for_capture(lm.model), torch.enable_grad():
                 weight.requires_grad_(True)
                 opt = torch.optim.Adam([weight], lr=self.lr, weight_decay=self.weight_decay)
                 for _ in range(self.steps):
                     opt.zero_grad()
-                    logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    loss = target_nll(logits, labels)
+                    loss = target_nll_from_hidden(lm, upper.final_hidden(), labels)
                     losses.append(float(loss.detach()))
                     if losses[-1] < self.early_stop_loss:
                         break

@@ -48,7 +48,7 @@ class MEMIT:
     """
 
     layers: list[int] | None = None
-    mom2_update_weight: float = 15000.0
+    mom2_update_weight: float = 20000.0  # MEMIT's GPT-2 xl value (spec §6.3)
     v_steps: int = 20
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
@@ -78,7 +78,7 @@ class MEMIT:
             clamp_norm_factor=self.clamp_norm_factor,
             kl_factor=self.kl_factor,
         )
-        values = [optimize_value(lm, z_block, r, prefixes, config) for r in requests]
+        values = [optimize_value(lm, z_block, layers[-1], r, prefixes, config) for r in requests]
         z = torch.stack([v.target for v in values]).double()  # [N, d]
         plain = [prompts_at_subject(lm, r, [""])[0] for r in requests]
 

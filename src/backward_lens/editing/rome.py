@@ -37,6 +37,7 @@ from backward_lens.editing.common import (
 )
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.editing.stats import SampleConfig, second_moments
+from backward_lens.editing.upper import UpperBlocks
 from backward_lens.errors import InputError
 from backward_lens.models import LensModel
 
@@ -203,13 +204,19 @@ class ValueResult:
 def optimize_value(
     lm: LensModel,
     module: nn.Module,
+    layer: int,
     request: RewriteRequest,
     prefixes: Sequence[str],
     config: ValueConfig,
 ) -> ValueResult:
     """Find the vector to add to ``module``'s output at the subject's last token (in every
     templated prompt) that makes the model predict ``request.target_new`` (ROME's compute_v /
-    MEMIT's compute_z; ``module`` is FF2 for ROME, a whole block for MEMIT)."""
+    MEMIT's compute_z; ``module`` is block ``layer``'s FF2 for ROME, the block for MEMIT).
+
+    The blocks below ``layer`` run once (:class:`UpperBlocks`); each Adam step runs the blocks
+    from ``layer`` up and applies the LM head only where the loss reads it (the target tokens
+    and the KL position), which gives the same loss and gradient as full forward passes.
+    """
     target_ids = edit_tokens(lm, request.prompt, request.target_new).target_ids
     rewrites = prompts_at_subject(lm, request, prefixes)
     kl_text = f"{request.subject} is a"
@@ -217,63 +224,51 @@ def optimize_value(
     seqs = [p.ids + target_ids[:-1] for p in rewrites] + [kl_ids]
     ids, mask = pad_right(seqs, pad_id(lm), lm.device)
     b, t = ids.shape
-    labels = torch.full((len(rewrites), t), -100, dtype=torch.long, device=lm.device)
-    for i, p in enumerate(rewrites):
-        labels[i, len(p.ids) - 1 : len(p.ids) - 1 + len(target_ids)] = torch.tensor(target_ids)
+    # Positions whose next-token logits score the target: row i, columns len(ids_i)-1+j.
+    n_target = len(target_ids)
+    rows = torch.tensor([i for i in range(len(rewrites)) for _ in range(n_target)])
+    cols = torch.tensor([len(p.ids) - 1 + j for p in rewrites for j in range(n_target)])
+    labels = torch.tensor(target_ids * len(rewrites), device=lm.device)
     where = torch.zeros(b, t, 1, device=lm.device)
     for i, p in enumerate(rewrites):
         where[i, p.index] = 1.0
     where[-1, kl_index] = 1.0
 
-    d_out: int | None = None
-    state: dict[str, Tensor] = {}
+    with eval_mode(lm.model):
+        upper = UpperBlocks(lm, layer, ids, mask)
+        state: dict[str, Tensor] = {}
 
-    def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        out = output[0] if isinstance(output, tuple) else output
-        view = as_batch(out, b, t)
-        if "init" not in state:
-            state["init"] = view[0, rewrites[0].index].detach().clone()
-        new = (view + where.to(view.dtype) * state["delta"].to(view.dtype)).reshape(out.shape)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    # The output width: run once without a delta.
-    with torch.no_grad():
-        probe: dict[str, int] = {}
-
-        def width(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             out = output[0] if isinstance(output, tuple) else output
-            probe["d"] = int(out.shape[-1])
+            view = as_batch(out, b, t)
+            if "init" not in state:
+                state["init"] = view[0, rewrites[0].index].detach().clone()
+            if "delta" not in state:
+                return None
+            new = (view + where.to(view.dtype) * state["delta"].to(view.dtype)).reshape(out.shape)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
 
-        h = module.register_forward_hook(width)
-        try:
-            with eval_mode(lm.model):
-                lm.model(input_ids=ids[:1, :2], use_cache=False)
-        finally:
-            h.remove()
-        d_out = probe["d"]
-
-    delta = torch.zeros(d_out, device=lm.device, dtype=torch.float32, requires_grad=True)
-    state["delta"] = delta
-    opt = torch.optim.Adam([delta], lr=config.lr)
-    kl_init: Tensor | None = None
-    losses: list[float] = []
-    handle = module.register_forward_hook(hook)
-    try:
+        with torch.no_grad():  # the unedited output at the subject (and its width)
+            upper.final_hidden(module, hook)
+        delta = torch.zeros_like(state["init"], dtype=torch.float32, requires_grad=True)
+        state["delta"] = delta
+        opt = torch.optim.Adam([delta], lr=config.lr)
+        kl_init: Tensor | None = None
+        losses: list[float] = []
+        init = state["init"].float()
         with frozen_for_capture(lm.model), torch.enable_grad():
             for it in range(config.steps):
                 opt.zero_grad()
-                logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                kl_logp = F.log_softmax(logits[-1, kl_index].float(), dim=-1)[None]
+                h = upper.final_hidden(module, hook)
+                kl_logp = F.log_softmax(lm.lens(h[-1, kl_index]), dim=-1)[None]
                 if kl_init is None:
                     kl_init = kl_logp.detach().clone()
-                logp = F.log_softmax(logits[: len(rewrites)].float(), dim=-1)
-                keep = labels != -100
-                nll = -(logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * keep).sum(1)
-                nll_loss = (nll / len(target_ids)).mean()
+                logp = F.log_softmax(lm.lens(h[rows, cols]), dim=-1)
+                nll = -logp.gather(-1, labels[:, None])[:, 0]
+                nll_loss = nll.sum() / (n_target * len(rewrites))
                 kl = config.kl_factor * F.kl_div(
                     kl_init, kl_logp, log_target=True, reduction="batchmean"
                 )
-                init = state["init"].float()
                 decay = config.weight_decay * (delta.norm() / init.norm() ** 2)
                 loss = nll_loss + kl + decay
                 losses.append(float(loss.detach()))
@@ -285,9 +280,7 @@ def optimize_value(
                 with torch.no_grad():
                     if delta.norm() > max_norm:
                         delta.mul_(max_norm / delta.norm())
-    finally:
-        handle.remove()
-    return ValueResult(state["init"].detach().float(), delta.detach().clone(), losses)
+    return ValueResult(init, delta.detach().clone(), losses)
 
 
 # --------------------------------------------------------------------------- the update
@@ -354,7 +347,7 @@ class ROME:
         per: list[dict[str, Any]] = []
         for request in requests:  # several requests: independent rank-one updates, summed
             key = average_key(lm, matrix, request, prefixes)
-            value = optimize_value(lm, matrix.module, request, prefixes, self.value_config())
+            value = optimize_value(lm, matrix.module, layer, request, prefixes, self.value_config())
             u = inverse_key_direction(c, key, self.mom2_ridge) if c is not None else key.double()
             u = u / u.norm()
             with torch.no_grad():

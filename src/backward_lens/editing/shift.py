@@ -29,6 +29,8 @@ from backward_lens.editing.common import (
     eval_mode,
     ff2,
     hparams_of,
+    pad_id,
+    pad_right,
     recording_input,
     target_row,
 )
@@ -83,6 +85,29 @@ def probe(
     return ShiftProbe(x, logits.float(), t, target_row(lm, t)), runner
 
 
+@torch.no_grad()
+def probe_many(
+    lm: LensModel, requests: Sequence[RewriteRequest], matrix: EditedMatrix
+) -> list[ShiftProbe]:
+    """:func:`probe` for many requests in one right-padded forward pass (causal attention: a
+    row's real positions never see its padding, so each probe equals the single one up to
+    float summation order)."""
+    tokens = [edit_tokens(lm, r.prompt, r.target_new) for r in requests]
+    ids, mask = pad_right([t.prompt_ids for t in tokens], pad_id(lm), lm.device)
+    b, t = ids.shape
+    with eval_mode(lm.model), recording_input(matrix.module) as seen:
+        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    x = as_batch(seen[0], b, t)
+    out = []
+    for row, tok in enumerate(tokens):
+        n = len(tok.prompt_ids)
+        target = tok.first_target
+        out.append(
+            ShiftProbe(x[row, :n], logits[row, n - 1].float(), target, target_row(lm, target))
+        )
+    return out
+
+
 def shift_delta(matrix: EditedMatrix, p: ShiftProbe, eta: float) -> Tensor:
     """eta * x_n^T e_t in FF2's weight layout."""
     return eta * matrix.outer(p.x_n.to(matrix.weight.dtype), p.e_t.to(matrix.weight.dtype))
@@ -129,10 +154,30 @@ class ForwardPassShift:
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
         layer, eta = _resolve(lm, self.layer, self.eta)
         matrix = ff2(lm, layer)
+        probes = [probe(lm, request, matrix)[0] for request in requests]
+        return self._edit(lm, requests, matrix, probes, eta)
+
+    def each(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> list[Edit]:
+        """One single-fact edit per request (as ``[self(lm, [r]) for r in requests]``), with
+        the probes of all requests in one padded forward pass: what batched evaluation uses."""
+        layer, eta = _resolve(lm, self.layer, self.eta)
+        matrix = ff2(lm, layer)
+        probes = probe_many(lm, requests, matrix)
+        return [
+            self._edit(lm, [r], matrix, [p], eta) for r, p in zip(requests, probes, strict=True)
+        ]
+
+    def _edit(
+        self,
+        lm: LensModel,
+        requests: Sequence[RewriteRequest],
+        matrix: EditedMatrix,
+        probes: Sequence[ShiftProbe],
+        eta: float,
+    ) -> Edit:
         per: list[dict[str, Any]] = []
         deltas: list[Tensor] = []
-        for request in requests:
-            p, _ = probe(lm, request, matrix)
+        for p in probes:
             skipped = p.already_predicted
             if not skipped:
                 deltas.append(shift_delta(matrix, p, eta))
@@ -154,6 +199,10 @@ class ForwardPassShift:
         )
 
 
+ETA_CAP = 8.0
+"""Default cap of the adaptive shift's eta, as a multiple of the fixed method's eta."""
+
+
 @dataclass
 class AdaptiveShift:
     """Forward pass shift with eta chosen per edit: the smallest eta that makes the target top-1.
@@ -161,7 +210,11 @@ class AdaptiveShift:
     Args:
         layer: block whose FF2 is edited (default: as ``shift``).
         eta: the first eta tried (default: the fixed method's eta).
-        eta_max: cap; if even this does not make the target top-1 it is used (``success`` False).
+        eta_max: cap (default 8x ``eta``: on the SmolLM2 evaluation every edit that succeeds at
+            all does so below 2x, while larger shifts only wreck the model).
+        on_failure: what to do when even ``eta_max`` does not make the target top-1:
+            ``"refuse"`` leaves the weights unchanged, ``"cap"`` applies ``eta_max`` anyway.
+            Either way the edit's info says ``success: False``.
         rtol: stop bisecting when (hi - lo) / hi <= rtol.
         margin: required logit lead of the target over the runner-up (0: just top-1).
         max_runs: cap on re-runs of the upper blocks per edit.
@@ -173,13 +226,18 @@ class AdaptiveShift:
     rtol: float = 0.02
     margin: float = 0.0
     max_runs: int = 40
+    on_failure: str = "refuse"
     name = "shift-adaptive"
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
         layer, eta0 = _resolve(lm, self.layer, self.eta)
-        eta_max = float(self.eta_max) if self.eta_max is not None else 1000.0 * eta0
+        eta_max = float(self.eta_max) if self.eta_max is not None else ETA_CAP * eta0
         if not 0 < self.rtol < 1:
             raise InputError(f"rtol must be in (0, 1), got {self.rtol}")
+        if not eta_max > 0:
+            raise InputError(f"eta_max must be positive, got {eta_max}")
+        if self.on_failure not in ("refuse", "cap"):
+            raise InputError(f"on_failure must be 'refuse' or 'cap', got {self.on_failure!r}")
         matrix = ff2(lm, layer)
         per: list[dict[str, Any]] = []
         deltas: list[Tensor] = []
@@ -190,13 +248,23 @@ class AdaptiveShift:
                 per.append({"skipped": True, "eta": 0.0, "target_id": p.target, "runs": 0})
                 continue
             result = self._search(matrix, p, runner, eta0, eta_max)
-            deltas.append(shift_delta(matrix, p, result["eta"]))
-            per.append({"skipped": False, "target_id": p.target, **result})
+            refused = not result["success"] and self.on_failure == "refuse"
+            if refused:
+                result["eta"] = 0.0
+            else:
+                deltas.append(shift_delta(matrix, p, result["eta"]))
+            per.append({"skipped": False, "refused": refused, "target_id": p.target, **result})
         return Edit.from_deltas(
             lm,
             _sum_deltas(matrix, deltas),
             self.name,
-            hparams_of(self, layer=matrix.resolved.layer, eta=eta0, eta_max=eta_max),
+            hparams_of(
+                self,
+                layer=matrix.resolved.layer,
+                eta=eta0,
+                eta_max=eta_max,
+                on_failure=self.on_failure,
+            ),
             requests,
             _summarise(per),
         )

@@ -4,12 +4,14 @@ One full forward pass records, for every block from ``layer`` up, the exact posi
 keyword arguments the model passed to it (attention masks, rotary embeddings... whatever the
 family uses) and the hidden state entering block ``layer``. A re-run then calls those blocks
 directly on that hidden state, so no module path and no family-specific mask code is needed, and
-the blocks below ``layer`` are not run again.
+the blocks below ``layer`` are not run again. Used by the adaptive shift (many candidate etas)
+and by ROME/MEMIT's value optimisation (gradient steps through the upper blocks only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,33 +19,51 @@ from torch import Tensor, nn
 
 from backward_lens.models import LensModel
 
+OutputHook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
+
 
 class UpperBlocks:
-    """Cached inputs of blocks ``layer..L-1`` for one unpadded sequence (batch of one).
+    """Cached inputs of blocks ``layer..L-1`` for one batch.
+
+    ``ids`` is one unpadded sequence (a list of ints) or a [B, T] tensor with its
+    ``attention_mask``; the cached masks are those of that batch, so re-runs must use it too.
 
     Attributes:
-        logits: the unedited model's logits at the last position, [V].
+        logits: the unedited model's logits at the last position of the first row, [V].
+        hidden: the hidden state entering block ``layer``, [B, T, d].
     """
 
-    def __init__(self, lm: LensModel, layer: int, ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        lm: LensModel,
+        layer: int,
+        ids: Sequence[int] | Tensor,
+        attention_mask: Tensor | None = None,
+    ) -> None:
         self.lm = lm
         self.layer = layer
         self.blocks = lm.arch.layers
-        self.length = len(ids)
+        input_ids = ids if isinstance(ids, Tensor) else torch.tensor([list(ids)])
+        input_ids = input_ids.to(lm.device)
+        self.length = int(input_ids.shape[1])
         self._calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         handles = [
             self.blocks[k].register_forward_pre_hook(self._keep(k), with_kwargs=True)
             for k in range(layer, len(self.blocks))
         ]
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        if "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # only the last position is read
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(lm.device)
         try:
             with torch.no_grad():
-                input_ids = torch.tensor([list(ids)], device=lm.device)
-                self.logits: Tensor = lm.model(input_ids=input_ids, use_cache=False).logits[0, -1]
+                self.logits: Tensor = lm.model(**kwargs).logits[0, -1]
         finally:
             for h in handles:
                 h.remove()
-        args, kwargs = self._calls[layer]
-        self.hidden: Tensor = args[0] if args else kwargs["hidden_states"]
+        args, block_kwargs = self._calls[layer]
+        self.hidden: Tensor = args[0] if args else block_kwargs["hidden_states"]
 
     def _keep(self, k: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -51,19 +71,16 @@ class UpperBlocks:
 
         return hook
 
-    @torch.no_grad()
-    def run(self, module: nn.Module | None = None, add: Tensor | None = None) -> Tensor:
-        """Last-position logits [V] after adding ``add`` ([T, d_out]) to ``module``'s output.
+    def final_hidden(
+        self, module: nn.Module | None = None, hook: OutputHook | None = None
+    ) -> Tensor:
+        """The last block's output [B, T, d] (before the final norm), with ``hook`` installed as
+        a forward hook on ``module`` (which must belong to a block at or above ``layer``).
 
-        ``module`` must belong to a block at or above ``layer``.
+        Runs under the caller's grad mode, so a hook that adds a trainable tensor can be
+        optimised through the upper blocks only.
         """
-        handle = None
-        if module is not None and add is not None:
-
-            def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-                return output + add.to(output.dtype).reshape(output.shape)
-
-            handle = module.register_forward_hook(hook)
+        handle = module.register_forward_hook(hook) if module is not None and hook else None
         try:
             h = self.hidden
             for k in range(self.layer, len(self.blocks)):
@@ -76,4 +93,17 @@ class UpperBlocks:
         finally:
             if handle is not None:
                 handle.remove()
+        return h
+
+    @torch.no_grad()
+    def run(self, module: nn.Module | None = None, add: Tensor | None = None) -> Tensor:
+        """Last-position logits [V] (first row) after adding ``add`` ([T, d_out]) to
+        ``module``'s output."""
+        hook: OutputHook | None = None
+        if module is not None and add is not None:
+
+            def hook(mod: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+                return output + add.to(output.dtype).reshape(output.shape)
+
+        h = self.final_hidden(module, hook)
         return self.lm.lens.logits(h[0, -1])
