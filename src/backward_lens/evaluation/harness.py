@@ -384,9 +384,9 @@ class _Runner:
                 rows.append(self._row(method, it[0], it[1], "skipped", reason=it[2]))
                 continue
             if together is not None:
-                shared, per_edit = together[it.index]
-                info = {"hparams": shared.hparams, "edit_info": shared.info}
-                ready.append((it, shared, per_edit, {**info, "edit_batch": len(together)}))
+                own, seconds_each = together[it.index]
+                info = {"hparams": own.hparams, "edit_info": own.info}
+                ready.append((it, own, seconds_each, {**info, "edit_batch": len(together)}))
                 continue
             try:
                 edit, seconds = self._edit(method, it.request)
@@ -422,15 +422,14 @@ class _Runner:
     ) -> dict[int, tuple[Edit, float]] | None:
         """Single edits of a whole group from one call of the editor's ``each`` (shift: the
         probes share one padded forward pass); the time per edit is the call's time / n.
-        None when the editor cannot, batching is off, or a request is rejected (then the
-        per-record path reports which one)."""
+        None when the editor cannot, batching is off, or the call fails."""
         each = getattr(method.editor, "each", None)
         if each is None or self.s.batch_size <= 1 or len(items) < 2:
             return None
         t0 = time.perf_counter()
         try:
             edits = each(self.lm, [it.request for it in items])
-        except BackwardLensError:
+        except Exception:  # the per-record path then reports which record failed, and why
             return None
         seconds = (time.perf_counter() - t0) / len(items)
         return {it.index: (e, seconds) for it, e in zip(items, edits, strict=True)}
