@@ -1,4 +1,8 @@
-"""Where the tests find the shared CounterFact data: ``../shared`` beside the repository."""
+"""Test data bundled with the repository (``tests/data``, provenance in its README).
+
+The suite passes on a fresh clone with nothing beside it. ``BACKWARD_LENS_TEST_DATA`` may point
+to another EasyEdit-format CounterFact file (e.g. the whole ``counterfact-edit.json``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(
-    os.environ.get("BACKWARD_LENS_TEST_DATA", REPO.parent / "shared" / "data" / "counterfact")
+DATA_DIR = REPO / "tests" / "data"
+COUNTERFACT_EDIT = Path(
+    os.environ.get("BACKWARD_LENS_TEST_DATA", DATA_DIR / "counterfact-edit-sample.json")
 )
-COUNTERFACT_EDIT = DATA_DIR / "easyedit_format" / "counterfact-edit.json"
+"""The first 300 records of EasyEdit's ``counterfact-edit.json``."""

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import backward_lens as bl
 from backward_lens.cli import main
+from backward_lens.models import LensModel
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +65,27 @@ def test_json_png_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temp files left
 
 
-def test_normalized_lens_changes_the_reading(tmp_path: Path) -> None:
+def _near_ties(lm: LensModel, vectors: torch.Tensor, target: int) -> torch.Tensor:
+    """Per row, how many tokens tie the target within float32 rounding of the lens logits.
+
+    Logit j is a length-d dot product of the normed vector h with row W_j: computed in float32
+    it is off by at most d * u * sum_k |h_k W_jk| (u = 2^-24), plus a few u of the norm's own
+    rounding; two tokens whose gap is below the sum of their bounds may come out either way.
+    """
+    norms, weight, _ = lm.lens._float32_head()
+    with torch.no_grad():
+        h = vectors.float()
+        for module in norms:
+            h = module(h)
+        logits = torch.nn.functional.linear(h, weight)
+        bound = (h.shape[-1] + 16) * 2.0**-24 * (h.abs() @ weight.abs().T)
+    gap = (logits - logits[:, target : target + 1]).abs()
+    near = gap <= bound + bound[:, target : target + 1]
+    near[:, target] = False
+    return near.sum(-1)
+
+
+def test_normalized_lens_changes_the_reading(tmp_path: Path, smollm2: LensModel) -> None:
     raw, norm = tmp_path / "raw.json", tmp_path / "norm.json"
     assert main(["explain", PROMPT, "--target", " Rome", "--json", str(raw), "--quiet"]) == 0
     assert (
@@ -76,7 +99,17 @@ def test_normalized_lens_changes_the_reading(tmp_path: Path) -> None:
     # RMSNorm has no bias: normalising rescales the logits, so ranks stay and probabilities move
     pos_a = [p for lr in a["layers"] for p in lr["ff2"]["positions"]]
     pos_b = [p for lr in b["layers"] for p in lr["ff2"]["positions"]]
-    assert [p["target_rank"] for p in pos_a] == [p["target_rank"] for p in pos_b]
+    # equal ranks, except that a token within float32 rounding of the target may swap sides
+    # (a fresh machine once read 40284 against 40283: two float paths, one near-tie)
+    cap = bl.capture(smollm2, PROMPT, " Rome")
+    assert isinstance(cap, bl.Capture)
+    deltas = torch.cat([g.delta for g in cap.gradients["ff2"]])
+    ties = _near_ties(smollm2, deltas, a["target"]["token_id"]).tolist()
+    assert len(ties) == len(pos_a) == len(pos_b)
+    for p, q, tie in zip(pos_a, pos_b, ties, strict=True):
+        assert abs(p["target_rank"] - q["target_rank"]) <= tie
+    same = [p["target_rank"] == q["target_rank"] for p, q in zip(pos_a, pos_b, strict=True)]
+    assert sum(same) > 0.9 * len(same)
     assert [p["bottom_probs"] for p in pos_a] != [p["bottom_probs"] for p in pos_b]
 
 

@@ -16,7 +16,6 @@ from backward_lens.editing.rome import (
     ValueConfig,
     average_key,
     context_prefixes,
-    encode_at_subject,
     module_io_at,
     optimize_value,
     prompts_at_subject,
@@ -24,6 +23,7 @@ from backward_lens.editing.rome import (
 from backward_lens.editing.stats import SampleConfig, second_moments
 from backward_lens.editing.upper import UpperBlocks
 from backward_lens.errors import EditError, InputError
+from backward_lens.tokens import locate_subject
 from tests.tiny import make_tiny
 
 REQ = RewriteRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", " Rome")
@@ -137,7 +137,8 @@ def test_ft_norm_constraint_bounds_every_entry(tokenizer):  # type: ignore[no-un
 
 def test_subject_position_from_offsets(tokenizer):  # type: ignore[no-untyped-def]
     lm = make_tiny("llama", tokenizer)
-    ids, index = encode_at_subject(lm, REQ.prompt, (4, 16))  # "Eiffel Tower"
+    ids, (_, end) = locate_subject(lm.tokenizer, REQ.prompt, "Eiffel Tower")
+    index = end - 1
     assert lm.tokenizer.decode(ids[index]).strip() == "Tower"
     assert lm.tokenizer.decode(ids[index + 1]).strip() == "is"
     (p,) = prompts_at_subject(lm, REQ2, ["Some prefix. "])
@@ -177,7 +178,9 @@ def _value_by_full_passes(lm, module, request, prefixes, config):  # type: ignor
 
     target = edit_tokens(lm, request.prompt, request.target_new).target_ids
     rewrites = prompts_at_subject(lm, request, prefixes)
-    kl_ids, kl_index = encode_at_subject(lm, f"{request.subject} is a", (0, len(request.subject)))
+    kl_text = f"{request.subject.strip()} is a"
+    kl_ids, (_, kl_end) = locate_subject(lm.tokenizer, kl_text, request.subject)
+    kl_index = kl_end - 1
     seqs = [p.ids + target[:-1] for p in rewrites] + [kl_ids]
     width = max(len(x) for x in seqs)
     ids = torch.tensor([x + [0] * (width - len(x)) for x in seqs])

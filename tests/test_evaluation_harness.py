@@ -288,3 +288,14 @@ def test_summary_means_and_baseline_row(tiny, tmp_path: Path) -> None:  # type: 
     assert "Efficacy acc" in text and "Efficacy score" in text
     assert "(n=2)" in text  # fluency measured on the first 2 records only
     assert csv.read_text().startswith("method,records")
+
+
+def test_read_results_drops_only_a_torn_last_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from backward_lens.errors import DataError
+
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3', encoding="utf-8")
+    assert read_results(tmp_path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\nnot json\n{"a": 3}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 is damaged"):
+        read_results(path)

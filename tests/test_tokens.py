@@ -20,8 +20,11 @@ def test_single_token_target_with_space_prepended(tokenizer) -> None:
     assert r.target_text == " Rome"
     assert r.target_ids == tuple(tokenizer(" Rome", add_special_tokens=False)["input_ids"])
     assert r.input_ids == r.prompt_ids and r.n_loss_positions == 1
-    no_space = encode_request(tokenizer, "in the city of ", "Rome")
-    assert no_space.target_text == "Rome"
+    # White space at the prompt's end moves into the target (issue 9, item 2): the model is
+    # trained on " Rome" after "of", never on "Rome" after a lone space token.
+    moved = encode_request(tokenizer, "in the city of ", "Rome")
+    assert moved.prompt == "in the city of" and moved.target_text == " Rome"
+    assert moved.target_ids == r.target_ids
 
 
 def test_multi_token_target_policies(tokenizer) -> None:

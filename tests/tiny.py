@@ -67,9 +67,11 @@ TINY_CONFIGS: dict[str, Any] = {
 
 
 def make_tiny(model_type: str, tokenizer: Any, seed: int = 0) -> LensModel:
-    """A random ``model_type`` model with 3 layers and width 32, in float32 eval mode."""
+    """A random ``model_type`` model with 3 layers and width 32, in float32 eval mode; its
+    vocabulary is the tokenizer's (``len(tokenizer)``, special tokens included)."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS[model_type]()
+    config.vocab_size = len(tokenizer)
     config.tie_word_embeddings = model_type in ("gpt2", "gemma", "gemma2", "gemma3_text")
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init puts small weights everywhere; scale the unembedding so softmax is not flat.

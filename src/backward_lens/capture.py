@@ -12,7 +12,6 @@ per-prompt losses, so each prompt's factors equal those of a run on its own.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from backward_lens.adapters import ResolvedMatrix
+from backward_lens.batching import (
+    Hooks,
+    by_position,
+    eval_mode,
+    input_device,
+    model_inputs,
+    pad_batch,
+    pad_id,
+)
 from backward_lens.errors import InputError
 from backward_lens.lowrank import LowRankGradient
 from backward_lens.models import LensModel
@@ -80,9 +88,33 @@ class Capture:
             raise InputError(f"layer {layer} was not captured; captured layers: {self.layers}")
         return self.gradients[name][self._layer_index[layer]]
 
-    def stack(self, name: str, factor: str) -> Tensor:
-        """``x`` or ``delta`` of matrix ``name`` for every captured layer: [layers, n, width]."""
-        return torch.stack([getattr(g, factor) for g in self.gradients[name]])
+    @property
+    def token_ids(self) -> list[int]:
+        """The input token ids (length n), as the tokens are labelled in :attr:`tokens`."""
+        return list(self.request.input_ids)
+
+    def position_targets(self) -> Tensor:
+        """The target token each position's reading is ranked against, [n] (int64).
+
+        Position ``p - 1 + j`` (``p`` prompt tokens) is trained to emit ``target_ids[j]``
+        (teacher forcing); positions before the prompt's last token lead to the first target.
+        """
+        targets = torch.full((self.n,), self.request.target_ids[0], dtype=torch.long)
+        first = len(self.request.prompt_ids) - 1
+        targets[first:] = torch.tensor(self.request.target_ids, dtype=torch.long)
+        return targets
+
+    def stack(self, name: str, factor: str, device: torch.device | str | None = None) -> Tensor:
+        """``x`` or ``delta`` of matrix ``name`` for every captured layer: [layers, n, width].
+
+        The factors of a model spread over several devices are gathered on ``device`` (default:
+        the first captured layer's device).
+        """
+        parts = [getattr(g, factor) for g in self.gradients[name]]
+        if not parts:
+            raise InputError(f"no layer of {name!r} was captured")
+        target = torch.device(device) if device is not None else parts[0].device
+        return torch.stack([t.to(target) for t in parts])
 
 
 def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -147,34 +179,31 @@ def capture(
 
 @contextmanager
 def frozen_for_capture(model: nn.Module) -> Iterator[None]:
-    """Eval mode, parameters without ``requires_grad``; both restored on exit."""
+    """Eval mode, parameters without ``requires_grad``; both restored on exit, whatever happens."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 class _Recorder:
     """Forward hooks that keep each selected module's input (detached) and output (in graph)."""
 
-    def __init__(self, lm: LensModel, matrices: list[ResolvedMatrix]) -> None:
+    def __init__(self, lm: LensModel, matrices: list[ResolvedMatrix], hooks: Hooks) -> None:
         self.inputs: dict[int, Tensor] = {}
         self.outputs: dict[int, Tensor] = {}
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
         embeddings = lm.model.get_input_embeddings()  # type: ignore[operator]
-        self.handles.append(embeddings.register_forward_hook(self._make_leaf))
+        hooks.forward(embeddings, self._make_leaf)
         head = lm.model.get_output_embeddings()  # type: ignore[operator]
         self.head_key = id(head)
-        self.handles.append(head.register_forward_hook(self._record_input(self.head_key)))
+        hooks.forward(head, self._record_input(self.head_key))
         for m in {id(r.module): r.module for r in matrices}.values():
-            self.handles.append(m.register_forward_hook(self._record(id(m))))
+            hooks.forward(m, self._record(id(m)))
 
     @staticmethod
     def _make_leaf(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
@@ -193,20 +222,6 @@ class _Recorder:
 
         return hook
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-
-def _accepts(model: nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
-
-
-def _by_position(t: Tensor, batch_shape: tuple[int, int]) -> Tensor:
-    """[B, T, w] view of an activation (OPT flattens its MLP inputs to [B*T, w])."""
-    return t.reshape(*batch_shape, t.shape[-1])
-
 
 def capture_requests(
     lm: LensModel,
@@ -216,7 +231,12 @@ def capture_requests(
     matrices: Sequence[str] | None = None,
     attention: bool = False,
 ) -> list[Capture]:
-    """Capture encoded requests in one padded batch (see the module docstring)."""
+    """Capture encoded requests in one left-padded batch (see the module docstring).
+
+    The loss is computed in float32 whatever the model's dtype (a half-precision model's head
+    is re-applied in float32 to its own input: ``VocabularyLens.unembed_logits``); factors keep
+    the dtype and device of the layer they come from (``Capture.stack`` gathers them).
+    """
     if not requests:
         return []
     arch = lm.arch
@@ -224,59 +244,44 @@ def capture_requests(
     names = list(matrices) if matrices else arch.matrix_names(attention)
     resolved = [arch.resolve(layer, name) for layer in layer_ids for name in names]
     model = lm.model
-    device = lm.device
-
-    lengths = [len(r.input_ids) for r in requests]
-    width = max(lengths)
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(requests), width), dtype=torch.long)
-    for b, r in enumerate(requests):
-        input_ids[b, width - lengths[b] :] = torch.tensor(r.input_ids)
-        mask[b, width - lengths[b] :] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    batch = pad_batch(
+        [r.input_ids for r in requests], pad_id(lm.tokenizer), device=input_device(model)
+    )
     n_keep = max(r.n_loss_positions for r in requests)
-    kwargs: dict[str, object] = {
-        "input_ids": input_ids.to(device),
-        "attention_mask": mask.to(device),
-        "position_ids": position_ids.to(device),
-        "use_cache": False,
-    }
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = n_keep
+    kwargs = model_inputs(model, batch, logits_to_keep=n_keep)
 
-    recorder = _Recorder(lm, resolved)
-    try:
-        with frozen_for_capture(model), torch.enable_grad():
-            logits = model(**kwargs).logits[:, -n_keep:].float()  # [B, m, V]
-            logp = logits.log_softmax(-1)
-            losses = []
-            for b, r in enumerate(requests):
-                m = r.n_loss_positions
-                ids = torch.tensor(r.target_ids, device=logp.device)
-                picked = logp[b, n_keep - m :].gather(-1, ids[:, None])
-                losses.append(-picked.sum())
-            keys = [id(r.module) for r in resolved]
-            unique_keys = [*list(dict.fromkeys(keys)), recorder.head_key]
-            grads = torch.autograd.grad(
-                torch.stack(losses).sum(),
-                [recorder.outputs[k] for k in unique_keys],
-                allow_unused=True,
-            )
-    finally:
-        recorder.remove()
-    batch_shape = (len(requests), width)
+    with Hooks() as hooks, frozen_for_capture(model), torch.enable_grad():
+        recorder = _Recorder(lm, resolved, hooks)
+        out_logits = model(**kwargs).logits[:, -n_keep:]
+        if out_logits.dtype in (torch.float32, torch.float64):
+            logits = out_logits.float()  # [B, m, V]
+        else:  # half precision: the loss in float32, from the head's input through the lens
+            logits = lm.lens.unembed_logits(recorder.outputs[recorder.head_key][:, -n_keep:])
+        logp = logits.log_softmax(-1)
+        losses = []
+        for b, r in enumerate(requests):
+            m = r.n_loss_positions
+            ids = torch.tensor(r.target_ids, device=logp.device)
+            picked = logp[b, n_keep - m :].gather(-1, ids[:, None])
+            losses.append(-picked.sum())
+        keys = [id(r.module) for r in resolved]
+        unique_keys = [*list(dict.fromkeys(keys)), recorder.head_key]
+        grads = torch.autograd.grad(
+            torch.stack(losses).sum(),
+            [recorder.outputs[k] for k in unique_keys],
+            allow_unused=True,
+        )
     grad_of = {
         k: g if g is not None else torch.zeros_like(recorder.outputs[k])
         for k, g in zip(unique_keys, grads, strict=True)
     }
     head_vjp = grad_of.pop(recorder.head_key)  # [B, m or T, d]
-    grad_of = {k: _by_position(g, batch_shape) for k, g in grad_of.items()}
-    x_of = {k: _by_position(x, batch_shape) for k, x in recorder.inputs.items()}
+    grad_of = {k: by_position(g, batch.shape) for k, g in grad_of.items()}
+    x_of = {k: by_position(x, batch.shape) for k, x in recorder.inputs.items()}
 
     captures = []
     for b, r in enumerate(requests):
-        start = width - lengths[b]
+        start = batch.start(b)
         gradients: dict[str, list[LowRankGradient]] = {name: [] for name in names}
         for res in resolved:
             key = id(res.module)

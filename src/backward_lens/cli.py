@@ -10,16 +10,33 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from backward_lens.errors import BackwardLensError
 
-COMMANDS = ["explain", "study", "edit", "evaluate", "sweep", "serve"]
+COMMANDS = ["explain", "study", "edit", "evaluate", "sweep", "finetune", "serve", "trace"]
 """Subcommand modules in ``backward_lens.commands``; each has NAME, HELP, DESCRIPTION,
 ``add_arguments(parser)`` and ``run(args) -> int``."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``backward-lens: error: ...``, exit 2.
+
+    argparse's default prints the usage block first; here the message names the command and
+    points at ``--help`` instead, like every other error of the CLI.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("backward-lens").strip()
+        where = f"{command}: " if command else ""
+        hint = f"backward-lens {command} --help" if command else "backward-lens --help"
+        print(f"backward-lens: error: {where}{message} (see {hint})", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``backward-lens`` parser with one subparser per module in :data:`COMMANDS`."""
+    parser = OneLineParser(
         prog="backward-lens",
         description=(
             "Read what a language model's gradients will teach each layer, in words "
@@ -47,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2: a user mistake, printed in one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -57,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("backward-lens: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head & co.: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

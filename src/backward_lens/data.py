@@ -150,11 +150,24 @@ _READERS = {
 
 
 def read_raw(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSON list file or a JSONL file, as dicts."""
+    """The records of a JSON list file or a JSONL file, as dicts.
+
+    Raises:
+        DataError: missing file, a folder, not UTF-8, not JSON, or no records.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a JSON or JSONL data file")
     if not path.is_file():
         raise DataError(f"no such data file: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON or JSONL"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or exc})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -170,15 +183,52 @@ def read_raw(path: str | Path) -> list[dict[str, Any]]:
 
 
 def parse_records(raw: Iterable[dict[str, Any]]) -> list[FactRecord]:
+    """Read each raw record into a :class:`FactRecord` (layout detected from the first).
+
+    Raises:
+        DataError: a record lacks a field of its layout or has a field of the wrong type (a
+            number where text is expected, say); the message names the record and the field.
+    """
     raw = list(raw)
+    if not raw:
+        raise DataError("no records")
     layout = detect_layout(raw[0])
     out = []
     for i, r in enumerate(raw):
         try:
-            out.append(_READERS[layout](r))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise DataError(f"record {i} does not fit the {layout} layout: missing {exc}") from exc
+            record = _READERS[layout](r)
+        except KeyError as exc:
+            raise DataError(f"record {i} does not fit the {layout} layout: missing {exc}") from None
+        except (TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise DataError(f"record {i} does not fit the {layout} layout ({exc})") from None
+        _check_types(i, record)
+        out.append(record)
     return out
+
+
+def _check_types(index: int, record: FactRecord) -> None:
+    """Text fields must be text, ids a string or an integer (JSON numbers are not targets)."""
+    cid = record.case_id
+    where = f"record {index}" + (f" ({cid})" if cid != -1 else "")
+    if isinstance(cid, bool) or not isinstance(cid, (int, str)):
+        raise DataError(f"record {index}: the id must be a string or an integer, got {cid!r}")
+    for name in ("prompt", "subject"):
+        value = getattr(record, name)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {name} must be text, got {value!r}")
+    for name in ("target_new", "target_true"):
+        value = getattr(record, name)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f'{where}: {name} must be text such as " Rome", got {value!r}')
+    for name in (
+        "paraphrase_prompts",
+        "neighborhood_prompts",
+        "generation_prompts",
+        "neighborhood_true",
+    ):
+        for value in getattr(record, name):
+            if not isinstance(value, str):
+                raise DataError(f"{where}: {name} must hold text, got {value!r}")
 
 
 def load_records(

@@ -45,3 +45,16 @@ class DataError(BackwardLensError):
 
 class EditError(BackwardLensError):
     """An edit that cannot be applied (wrong model, missing file, bad hyper-parameters)."""
+
+
+class OutputPathError(InputError):
+    """An output path that is occupied (a folder where a file goes, a file where a folder goes,
+    a folder holding other files) or cannot be written."""
+
+
+class CacheError(BackwardLensError):
+    """The model conversion cache cannot be written, or an entry's path is taken by a file."""
+
+
+class PlacementError(BackwardLensError):
+    """A model placed where the tools cannot read it (e.g. its embeddings offloaded to disk)."""

@@ -38,6 +38,13 @@ class PositionReading:
     bottom: list[str]
     bottom_probs: list[float]
     target_rank: int
+    """Rank of this position's target token (see ``Capture.position_targets``) in the reading."""
+    token_id: int = -1
+    top_ids: list[int] = field(default_factory=list)
+    bottom_ids: list[int] = field(default_factory=list)
+    target_id: int = -1
+    """The token ``target_rank`` ranks: the first target token, or under teacher forcing the
+    token this position is trained to emit."""
 
 
 @dataclass
@@ -64,6 +71,7 @@ class Explanation:
     vocab_size: int
     prompt: str
     tokens: list[str]
+    token_ids: list[int]
     target: dict[str, Any]
     prediction: dict[str, Any]
     loss: float
@@ -100,6 +108,7 @@ class Explanation:
                             "matrix": name,
                             "position": i,
                             "token": p.token,
+                            "token_id": p.token_id,
                             "rank": mr.rank,
                             "norm": p.norm,
                             "coef_norm": p.coef_norm,
@@ -155,7 +164,10 @@ def explain_capture(
     ff1_x = cap.stack("ff1", "x")  # [L, n, d]
     ff2_d = cap.stack("ff2", "delta")  # [L, n, d]
     vectors = torch.cat([ff1_x.reshape(-1, ff1_x.shape[-1]), ff2_d.reshape(-1, ff2_d.shape[-1])])
-    proj = lm.lens.project(vectors, k=top_k, target=cap.target_id, normalized=normalized)
+    targets = cap.position_targets()  # [n]: each position's own target token
+    proj = lm.lens.project(
+        vectors, k=top_k, target=targets.repeat(2 * n_layers), normalized=normalized
+    )
     proj = proj.reshape(2, n_layers, n)
     target_ranks = proj.target_rank
     assert target_ranks is not None
@@ -178,6 +190,10 @@ def explain_capture(
                 bottom=[words[t] for t in proj.bottom_ids[m, k, i].tolist()],
                 bottom_probs=proj.bottom_probs[m, k, i].tolist(),
                 target_rank=int(target_ranks[m, k, i]),
+                token_id=cap.token_ids[i],
+                top_ids=proj.top_ids[m, k, i].tolist(),
+                bottom_ids=proj.bottom_ids[m, k, i].tolist(),
+                target_id=int(targets[i]),
             )
             for i in range(n)
         ]
@@ -197,11 +213,14 @@ def explain_capture(
         vocab_size=lm.vocab_size,
         prompt=cap.request.prompt,
         tokens=cap.tokens,
+        token_ids=cap.token_ids,
         target={
             "text": cap.request.target_text,
             "token_id": cap.target_id,
             "token": lm.decode([cap.target_id])[0],
             "all_token_ids": list(cap.request.all_target_ids),
+            "trained_token_ids": list(cap.request.target_ids),
+            "all_tokens": lm.decode(list(cap.request.all_target_ids)),
         },
         prediction={"token": lm.decode([pred])[0], "token_id": pred, "prob": float(probs[pred])},
         loss=cap.loss,

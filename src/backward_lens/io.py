@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -40,3 +41,42 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def _discard(_: object) -> None:
     """Drop a return value (``write_text`` returns a byte count)."""
+
+
+def atomic_write_many(files: dict[Path, bytes]) -> list[Path]:
+    """Write several files as one step: all are written to temporaries beside their targets
+    first, then renamed into place. If any write fails, every temporary is removed and no
+    target is touched (neither created nor overwritten).
+
+    Returns:
+        The paths written, in the order given.
+
+    Raises:
+        OSError: from the first write that failed (after cleaning up).
+    """
+    temps: dict[Path, Path] = {}
+    made: list[Path] = []  # folders this call created, removed again on failure
+    done = False
+    try:
+        for path, data in files.items():
+            missing = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made += missing
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps[path] = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(name, 0o666 & ~_umask())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+        done = True
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        if not done:
+            for folder in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+    return list(files)

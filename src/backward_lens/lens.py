@@ -7,16 +7,26 @@ probable ones, because gradient descent subtracts delta_i (Lemma 5.1).
 Ranks are counted on logits (the number of tokens with a strictly larger logit), which is the
 paper's "strictly larger probability" without float32 softmax underflow creating false ties.
 Projection is batched and chunked: the whole (layer x position x matrix) grid is one call.
+
+Precision: logits are always computed in float32. For a bfloat16 or float16 model the final norm
+and the unembedding run on float32 copies of their weights, built once, on first use, and rebuilt
+only when a weight changes (tracked by each tensor's version counter, so an edit applied in place
+is seen). We keep a copy rather than casting per chunk because ``project`` runs many chunks per
+call; the copy costs 4 bytes per unembedding entry (0.5 GB for a 32k x 4096 head) on the head's
+device. A float32 model uses its own weights, uncopied.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from backward_lens.errors import PlacementError
 
 if TYPE_CHECKING:
     from backward_lens.models import LensModel
@@ -57,7 +67,10 @@ class Projection:
 
 
 class VocabularyLens(nn.Module):
-    """Frozen final norm + unembedding (+ Gemma's logit soft-capping) of one model."""
+    """Frozen final norm + unembedding (+ Gemma's logit soft-capping) of one model.
+
+    Logits are float32 whatever the model's dtype (see the module docstring).
+    """
 
     def __init__(
         self,
@@ -68,9 +81,11 @@ class VocabularyLens(nn.Module):
     ) -> None:
         super().__init__()
         self.final_norm = nn.ModuleList(final_norm)
-        self.unembed = unembed  # [V, d], shared with the model (never copied or modified)
+        self.unembed = unembed  # [V, d], shared with the model (never modified)
         self.bias = bias
         self.softcap = softcap
+        # float32 mirrors of half-precision weights: key -> (source identity, float32 copy)
+        self._float32: dict[str, tuple[tuple[object, ...], Any]] = {}
 
     @classmethod
     def from_model(cls, lm: LensModel) -> VocabularyLens:
@@ -87,17 +102,70 @@ class VocabularyLens(nn.Module):
         return self(vectors, normalized)
 
     def forward(self, vectors: Tensor, normalized: bool = False) -> Tensor:
-        """Lens logits of ``vectors`` [..., d] -> [..., V] (float32), differentiable: the
-        model's own head applied to hidden states (used to optimise through it)."""
-        h = vectors.to(self.unembed.device, self.unembed.dtype)
+        """Lens logits of ``vectors`` [..., d] -> [..., V], float32 and differentiable: the
+        model's own head applied to hidden states (used to optimise through it).
+
+        Gradients flow to ``vectors`` in every dtype, and to the head's weights only for a
+        float32 model (a half-precision model's head runs on detached float32 copies).
+        """
+        norms, weight, _ = self._float32_head()
+        h = vectors.to(weight.device, weight.dtype)  # float32, or float64 for a float64 model
         if normalized:
             h = F.normalize(h, dim=-1)
-        for module in self.final_norm:
+        for module in norms:
             h = module(h)
-        out = F.linear(h, self.unembed, self.bias).float()
+        return self.unembed_logits(h)
+
+    def unembed_logits(self, hidden: Tensor) -> Tensor:
+        """The LM head alone on hidden states that already went through the final norm (the
+        head's own input) [..., d] -> [..., V]: unembedding, bias and soft-capping in float32,
+        differentiable with respect to ``hidden``. ``capture`` computes a half-precision
+        model's loss with it, so the loss and its VJPs start in float32."""
+        _, weight, bias = self._float32_head()
+        out = F.linear(hidden.to(weight.device, weight.dtype), weight, bias)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return out.float()
+
+    def _float32_head(self) -> tuple[list[nn.Module], Tensor, Tensor | None]:
+        """The final norm modules, unembedding and bias in float32 (copies of half-precision
+        weights; a float64 model's are used as they are)."""
+        if self.unembed.device.type == "meta":
+            raise PlacementError(
+                "the LM head was offloaded to disk (meta device); the lens needs it in memory: "
+                "raise max_memory or keep lm_head on a device in the device_map"
+            )
+        norms = [self._float32_module(k, m) for k, m in enumerate(self.final_norm)]
+        weight = self._float32_tensor("unembed", self.unembed)
+        bias = None if self.bias is None else self._float32_tensor("bias", self.bias)
+        return norms, weight, bias
+
+    def _float32_tensor(self, key: str, t: Tensor) -> Tensor:
+        if t.dtype in _FULL:
+            return t
+        ident = _identity(t)
+        cached = self._float32.get(key)
+        if cached is None or cached[0] != ident:
+            cached = (ident, t.detach().float())
+            self._float32[key] = cached
+        return cached[1]
+
+    def _float32_module(self, k: int, module: nn.Module) -> nn.Module:
+        tensors = [*module.parameters(), *module.buffers()]
+        if all(t.dtype in _FULL or not t.is_floating_point() for t in tensors):
+            return module
+        if any(t.device.type == "meta" for t in tensors):
+            # offloaded: accelerate's hook loads the weights for each call; a copy could not.
+            # The norm then runs in the model's dtype on float32 input (RMSNorms upcast).
+            return module
+        ident = tuple(_identity(t) for t in tensors)
+        cached = self._float32.get(f"norm{k}")
+        if cached is None or cached[0] != ident:
+            twin = copy.deepcopy(module)
+            _remove_hooks(twin)
+            cached = (ident, twin.float().requires_grad_(False))
+            self._float32[f"norm{k}"] = cached
+        return cached[1]
 
     def probs(self, vectors: Tensor, normalized: bool = False) -> Tensor:
         """LL(v) = softmax of the lens logits, [..., V]."""
@@ -162,3 +230,19 @@ class VocabularyLens(nn.Module):
         """Rank of ``token`` in the projection of each row of ``vectors`` [N, d] -> [N]."""
         logits = self.logits(vectors, normalized)
         return (logits > logits[..., token : token + 1]).sum(-1).cpu()
+
+
+_FULL = (torch.float32, torch.float64)
+
+
+def _identity(t: Tensor) -> tuple[object, ...]:
+    """What changes when a tensor is replaced or modified in place (its version counter)."""
+    return (t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape))
+
+
+def _remove_hooks(module: nn.Module) -> None:
+    """Drop accelerate's device-placement hooks from a copied module (it runs where it lies)."""
+    if any(hasattr(m, "_hf_hook") for m in module.modules()):
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(module, recurse=True)

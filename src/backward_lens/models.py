@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from backward_lens.adapters import Architecture
-from backward_lens.errors import ModelNotFoundError
-from backward_lens.tokens import context_length
+from backward_lens.batching import input_device
+from backward_lens.errors import ModelNotFoundError, PlacementError
+from backward_lens.tokens import context_length, token_labels
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV = "BACKWARD_LENS_CACHE"
@@ -127,7 +128,8 @@ class LensModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where input ids go: the input embedding's device (see ``batching.input_device``)."""
+        return input_device(self.model)
 
     @cached_property
     def lens(self) -> Any:
@@ -136,16 +138,41 @@ class LensModel:
         return VocabularyLens.from_model(self)
 
     def decode(self, ids: list[int]) -> list[str]:
-        """Each id decoded on its own, as the paper's tables show tokens."""
-        return [self.tokenizer.decode([i]) for i in ids]
+        """A readable, distinct label for each id, as the paper's tables show tokens
+        (``tokens.token_labels``: byte pieces escaped, SentencePiece's ``▁`` as a space)."""
+        return token_labels(self.tokenizer, ids)
 
 
 def wrap(model: nn.Module, tokenizer: Any, name: str = "model") -> LensModel:
-    """Use an already-loaded Hugging Face model and tokenizer."""
+    """Use an already-loaded Hugging Face model and tokenizer.
+
+    Models dispatched by accelerate (``device_map``, ``max_memory``) work, blocks offloaded to
+    CPU or disk included; their input embedding and LM head must be in memory.
+
+    Raises:
+        UnsupportedArchitectureError: no adapter for the model's family.
+        PlacementError: the input embedding or the LM head is offloaded (on the meta device).
+    """
     _ensure_pad_token(tokenizer)
-    Architecture(model)  # fail early on an unsupported architecture
+    arch = Architecture(model)  # fail early on an unsupported architecture
+    _check_placement(model, arch)
     model.eval()
     return LensModel(model, tokenizer, name)
+
+
+def _check_placement(model: nn.Module, arch: Architecture) -> None:
+    """One clear line when what every tool reads directly was offloaded to disk (meta)."""
+    weights = {"LM head (unembedding)": arch.unembedding()[0]}
+    getter = getattr(model, "get_input_embeddings", None)
+    embed = getter() if callable(getter) else None
+    if isinstance(getattr(embed, "weight", None), torch.Tensor):
+        weights["input embedding"] = embed.weight  # type: ignore[union-attr]
+    for what, weight in weights.items():
+        if weight.device.type == "meta":
+            raise PlacementError(
+                f"the model's {what} was offloaded to disk (meta device), but it must stay in "
+                "memory: raise max_memory (or give a device_map that keeps it on a device)"
+            )
 
 
 def load_model(
@@ -153,7 +180,9 @@ def load_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | None = None,
-    device_map: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LensModel:
     """Load a model by built-in name, hub id, local folder, or ``.gguf`` path.
 
@@ -162,25 +191,37 @@ def load_model(
             ``config.json``, or a ``.gguf`` file.
         dtype: parameter dtype (``torch.float32`` by default; gradients are compared in float32).
         device: ``cpu``, ``cuda``, ``cuda:1``...; ignored when ``device_map`` is given.
-        device_map: ``"auto"`` to spread a large model over the available devices.
+        device_map: ``"auto"`` to spread a large model over the available devices (or an
+            explicit accelerate device map). Blocks may be offloaded to ``"cpu"`` or ``"disk"``;
+            the input embedding and the LM head must stay in memory.
+        max_memory: with ``device_map``, the most each device may hold, e.g.
+            ``{0: "20GiB", "cpu": "60GiB"}`` (accelerate's format); what does not fit is offloaded.
+        offload_folder: where offloaded weights go when they must go to disk.
+
+    Raises:
+        ModelNotFoundError: nothing loadable under that name.
+        PlacementError: the model does not fit ``max_memory`` and no ``offload_folder`` was
+            given, or its embedding or LM head would be offloaded.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     assert isinstance(dtype, torch.dtype)
     if spec in BUILTIN_MODELS:
         folder = _cached_conversion(BUILTIN_MODELS[spec].gguf_path(), dtype)
-        return _from_folder(folder, spec, dtype, device, device_map)
+        return _from_folder(folder, spec, dtype, device, device_map, max_memory, offload_folder)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"no such GGUF file: {path}")
-        return _from_folder(_cached_conversion(path, dtype), spec, dtype, device, device_map)
+        entry = _cached_conversion(path, dtype)
+        return _from_folder(entry, spec, dtype, device, device_map, max_memory, offload_folder)
     if path.exists() and not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"{path} has no config.json; give a Hugging Face model folder, a .gguf file, or one "
             f"of the built-in names: {', '.join(BUILTIN_MODELS)}"
         )
-    return _from_folder(path if path.exists() else spec, spec, dtype, device, device_map)
+    source = path if path.exists() else spec
+    return _from_folder(source, spec, dtype, device, device_map, max_memory, offload_folder)
 
 
 @contextmanager
@@ -210,18 +251,35 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def _from_folder(
-    source: Path | str, name: str, dtype: torch.dtype, device: str | None, device_map: str | None
+    source: Path | str,
+    name: str,
+    dtype: torch.dtype,
+    device: str | None,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LensModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device_map:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+    elif max_memory is not None or offload_folder is not None:
+        raise PlacementError('max_memory and offload_folder need device_map (e.g. "auto")')
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(source))
             model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError) as exc:
+        if "offload" in str(exc):
+            raise PlacementError(
+                f"model {name!r} does not fit max_memory and would be offloaded to disk: give "
+                "offload_folder (a folder for the offloaded weights) or raise max_memory"
+            ) from exc
         raise ModelNotFoundError(
             f"cannot load model {name!r}: it is not a built-in name "
             f"({', '.join(BUILTIN_MODELS)}), a folder with config.json or a .gguf file, and "
@@ -282,10 +340,128 @@ def cache_entry_is_valid(entry: Path) -> bool:
         return False
 
 
+_GGUF_MAGIC = b"GGUF"
+_OWNER = "owner.json"
+"""Written first into a conversion's temporary folder: who is converting (pid, host, time)."""
+_TMP_MARK = ".tmp-"
+_ORPHAN_AGE_S = 3600.0
+"""A temporary folder without an owner file (or of another host) counts as stale after this."""
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Refuse a file that is not GGUF before handing it to transformers."""
+    try:
+        with gguf.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot read {gguf} ({exc.strerror or exc})") from None
+    if magic != _GGUF_MAGIC:
+        raise ModelNotFoundError(
+            f"{gguf} is not a GGUF file (it does not start with 'GGUF'); give a .gguf model, "
+            "a model folder, or a built-in name"
+        )
+
+
+def _check_cache_root(entry: Path) -> None:
+    """The cache folder must be creatable and writable, and ``entry`` not taken by a file."""
+    from backward_lens.errors import CacheError
+
+    if entry.exists() and not entry.is_dir():
+        raise CacheError(
+            f"the cache entry {entry} is a file, not a folder; remove it (or set "
+            f"{CACHE_ENV} to another folder)"
+        )
+    probe = entry.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CacheError(
+            f"cannot create the model cache under {probe}: it is a file; set {CACHE_ENV} to a "
+            "writable folder"
+        )
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".probe-", dir=entry.parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise CacheError(
+            f"cannot write the model cache in {entry.parent} ({exc.strerror or exc}); set "
+            f"{CACHE_ENV} to a writable folder"
+        ) from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _is_stale(tmp: Path, now: float) -> bool:
+    """A conversion temporary whose owner is gone: its pid is dead on this host, or it has no
+    readable owner file (or one from another host) and is older than :data:`_ORPHAN_AGE_S`."""
+    import socket
+
+    try:
+        owner = json.loads((tmp / _OWNER).read_text(encoding="utf-8"))
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = None
+    if owner is not None and host == socket.gethostname():
+        return not _pid_alive(pid)
+    try:
+        age = now - tmp.stat().st_mtime
+    except OSError:
+        return False
+    return age > _ORPHAN_AGE_S
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary folders of conversions that died (kill -9, power loss) in ``folder``.
+
+    A conversion in progress writes ``owner.json`` (pid, host) into its temporary folder first;
+    a folder whose owner process no longer exists is removed. Folders of live conversions, and
+    anything not named like a conversion temporary, are left alone.
+
+    Returns:
+        The folders removed.
+    """
+    import time
+
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for tmp in folder.iterdir():
+        if _TMP_MARK not in tmp.name or not tmp.is_dir() or tmp.is_symlink():
+            continue
+        if _is_stale(tmp, now):
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not tmp.exists():
+                removed.append(tmp)
+    return removed
+
+
 def _cached_conversion(gguf: Path, dtype: torch.dtype) -> Path:
+    """The converted folder of ``gguf`` (converting it once); cleans up dead conversions first.
+
+    Raises:
+        ModelNotFoundError: ``gguf`` is not a GGUF file.
+        CacheError: the cache cannot be written, or the entry's path is a file.
+    """
+    _check_gguf(gguf)
     entry = cache_entry(gguf, dtype)
     if cache_entry_is_valid(entry):
         return entry
+    _check_cache_root(entry)
+    for stale in remove_stale_temporaries(entry.parent):
+        logging.getLogger(__name__).info("removed an interrupted conversion's folder %s", stale)
     print(
         f"backward-lens: converting {gguf.name} once into {entry.parent} (15-60 s; later loads "
         "take about a second)",
@@ -296,23 +472,41 @@ def _cached_conversion(gguf: Path, dtype: torch.dtype) -> Path:
 
 
 def _convert_gguf(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
-    """Dequantise ``gguf`` and write it as a plain HF folder, atomically (temp dir + rename)."""
+    """Dequantise ``gguf`` and write it as a plain HF folder, atomically (temp dir + rename).
+
+    The temporary folder (``<entry>.tmp-XXXX``) records its owner first, so a later conversion
+    can tell an abandoned one (:func:`remove_stale_temporaries`) from one still running.
+
+    Raises:
+        ModelNotFoundError: transformers cannot read the file as a GGUF model.
+    """
+    import socket
+    import time
+
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=entry.name + _TMP_MARK, dir=entry.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=dtype
-        )
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        (tmp / _OWNER).write_text(json.dumps(owner))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=dtype
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelNotFoundError(
+                f"cannot convert {gguf} ({str(exc).splitlines()[0][:160] if str(exc) else exc!r})"
+            ) from None
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(str(tmp))
+        (tmp / _OWNER).unlink()
         files = {
             p.name: {"size": p.stat().st_size, "crc32": _crc32(p)}
             for p in sorted(tmp.iterdir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from backward_lens import checks
 from backward_lens.errors import InputError
 from backward_lens.models import BUILTIN_MODELS, DEFAULT_MODEL, LensModel, load_model
 
@@ -27,7 +28,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Refuse a --device this machine lacks before anything is loaded."""
+    checks.device(args.device)
+
+
 def model_from_args(args: argparse.Namespace) -> LensModel:
+    """Load ``--model`` with ``--dtype``/``--device``/``--device-map`` (device checked first)."""
+    check_model_args(args)
     return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
 
 
@@ -41,17 +49,29 @@ def parse_layers(text: str | None) -> list[int] | None:
         try:
             if "-" in piece[1:]:
                 lo, hi = piece[0] + piece[1:].split("-", 1)[0], piece[1:].split("-", 1)[1]
-                layers.extend(range(int(lo), int(hi) + 1))
+                first, last = int(lo), int(hi)
             else:
-                layers.append(int(piece))
+                first = last = int(piece)
         except ValueError:
             raise InputError(
                 f"cannot read layers {text!r}; use indices and ranges such as 0,5,10-12,-1"
             ) from None
+        if last < first:
+            raise InputError(
+                f"the layer range {piece} in {text!r} is reversed; write {last}-{first}"
+            )
+        layers.extend(range(first, last + 1))
     return layers
 
 
+def check_layer_list(layers: list[int] | None, n_layers: int, what: str) -> None:
+    """Every index of ``layers`` must exist in a model of ``n_layers`` blocks."""
+    if layers is not None:
+        checks.layers(what, layers, n_layers)
+
+
 def positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")

@@ -10,13 +10,17 @@ from typing import Any
 
 import torch
 
+from backward_lens import checks
+from backward_lens.batching import eval_mode, pad_id
 from backward_lens.commands.common import (
     add_model_arguments,
+    check_model_args,
     model_from_args,
     parse_layers,
     positive_int,
 )
 from backward_lens.errors import InputError
+from backward_lens.tokens import encode_text
 
 NAME = "edit"
 HELP = "rewrite a fact (forward pass shift, ROME, MEMIT, FT) and compare continuations"
@@ -89,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """--hparam KEY=VALUE (JSON values), --layer and --eta as one dict, values checked."""
     hp: dict[str, Any] = {}
     for item in args.hparam:
         key, sep, value = item.partition("=")
@@ -111,8 +116,13 @@ def parse_hparams(args: argparse.Namespace) -> dict[str, Any]:
     if args.eta is not None:
         if not args.method.startswith("shift"):
             raise InputError(f"--eta is a forward pass shift setting; {args.method} has none")
-        hp["eta"] = args.eta
+        hp["eta"] = checks.eta("--eta", args.eta)
+    checks.hparams(args.method, hp)
     return hp
+
+
+SUBJECT_METHODS = ("rome", "memit")
+"""Methods that locate the subject in the prompt (they refuse to run without one)."""
 
 
 @dataclass
@@ -127,39 +137,59 @@ class Continuation:
 
 @torch.no_grad()
 def _greedy(lm: Any, prompt: str, n: int, target: int | None) -> tuple[str, float]:
-    ids = torch.tensor([lm.tokenizer(prompt).input_ids], device=lm.device)
-    out = lm.model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        do_sample=False,
-        pad_token_id=lm.tokenizer.pad_token_id,
-    )
-    p = 0.0
-    if target is not None:
-        p = float(lm.model(input_ids=ids).logits[0, -1].float().softmax(-1)[target])
+    """Greedy continuation of ``prompt`` and P(target) after it (eval mode, one encoding)."""
+    ids = torch.tensor([encode_text(lm.tokenizer, prompt.rstrip())], device=lm.device)
+    with eval_mode(lm.model):
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad_id(lm.tokenizer),
+        )
+        p = 0.0
+        if target is not None:
+            p = float(lm.model(input_ids=ids).logits[0, -1].float().softmax(-1)[target])
     return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), p
 
 
 def run(args: argparse.Namespace) -> int:
+    from backward_lens import checks
     from backward_lens.editing import Edit, RewriteRequest, get_editor
+    from backward_lens.editing.base import check_edit_fits, check_save_path
 
+    # Everything the arguments alone can show is checked before the model is loaded.
+    checks.nonblank_texts("--paraphrase", args.paraphrase)
+    checks.nonblank_texts("--neighborhood", args.neighborhood)
+    if args.save is not None:
+        check_save_path(args.save)
+    check_model_args(args)
     edit: Edit | None = None
+    hparams: dict[str, Any] = {}
     if args.load:
         edit = Edit.load(args.load)
         if args.prompt is None and edit.requests:
-            args.prompt = edit.requests[0]["prompt"]
-            args.target = args.target or edit.requests[0]["target_new"]
+            args.prompt = edit.requests[0].get("prompt")
+            args.target = args.target or edit.requests[0].get("target_new")
         editor = None
     else:
         if args.prompt is None or args.target is None:
             raise InputError("give --prompt and --target (or --load a saved edit)")
         request = RewriteRequest(args.prompt, args.subject, args.target, args.target_true)
-        editor = get_editor(args.method, **parse_hparams(args))
-    if args.prompt is None:
+        hparams = parse_hparams(args)
+        if args.method in SUBJECT_METHODS and not args.subject.strip():
+            raise InputError(
+                f"{args.method} edits at the subject's last token; give --subject (as it "
+                "appears in the prompt)"
+            )
+        editor = get_editor(args.method, **hparams)
+    if not isinstance(args.prompt, str) or not args.prompt.strip():
         raise InputError("give --prompt (the saved edit records no prompt)")
 
     lm = model_from_args(args)
+    checks.hparams(args.method, hparams, lm.n_layers)
+    if edit is not None:
+        check_edit_fits(edit, lm.model)
     seconds = 0.0
     if editor is not None:
         start = time.perf_counter()
@@ -183,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         Continuation(kind, p, b[0], a[0], b[1], a[1])
         for (kind, p), b, a in zip(prompts, before, after, strict=True)
     ]
-    if args.save:
+    if args.save is not None:
         edit.save(args.save)
     result = {
         "model": lm.name,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from backward_lens.commands.common import add_model_arguments, model_from_args, positive_int
+from backward_lens import checks
+from backward_lens.commands.common import (
+    add_model_arguments,
+    check_model_args,
+    model_from_args,
+    positive_int,
+)
 from backward_lens.data import load_records
 from backward_lens.errors import InputError
 
@@ -123,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         check_methods(methods)
+        checks.output_folder(out, "--out")
+        check_model_args(args)
         records = load_records(args.data, limit=args.records)
         lm = model_from_args(args)
         result = evaluate(

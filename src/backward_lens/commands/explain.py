@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from backward_lens import checks
 from backward_lens.commands.common import (
     add_model_arguments,
+    check_layer_list,
     model_from_args,
     parse_layers,
     positive_int,
 )
-from backward_lens.errors import InputError
+from backward_lens.errors import InputError, OutputPathError
 from backward_lens.explain import Explanation, explain
+from backward_lens.io import atomic_write_many
 from backward_lens.tokens import MultiTokenPolicy
 
 NAME = "explain"
@@ -76,39 +80,60 @@ def run(args: argparse.Namespace) -> int:
     policy: MultiTokenPolicy = (
         "first" if args.first_token else "teacher_forced" if args.teacher_forced else "error"
     )
+    layers = parse_layers(args.layers)
+    outputs = checks.output_files({"--json": args.json, "--png": args.png, "--html": args.html})
     lm = model_from_args(args)
+    check_layer_list(layers, lm.n_layers, "--layers")
     expl = explain(
         lm,
         prompt,
         target,
         top_k=args.top_k,
         normalized=args.normalized,
-        layers=parse_layers(args.layers),
+        layers=layers,
         multi_token=policy,
         add_space=not args.no_space,
     )
-    # Render everything before writing anything, so a failure leaves no partial set of files.
-    html = None
-    if args.html:
+    # Render everything, then write all files in one step: a failure leaves none of them.
+    files: dict[Path, bytes] = {}
+    if "--json" in outputs:
+        files[outputs["--json"]] = expl.to_json().encode("utf-8")
+    if "--png" in outputs:
+        files[outputs["--png"]] = _png_bytes(expl)
+    if "--html" in outputs:
         from backward_lens.web.render import render_explanation_html
 
-        html = render_explanation_html(expl.to_dict())
-    if args.json:
-        expl.to_json(args.json)
-    if args.png:
-        from backward_lens.plots import save_explanation_png
-
-        save_explanation_png(expl, args.png)
-    if html is not None:
-        from backward_lens.io import atomic_write_text
-
-        atomic_write_text(args.html, html)
+        files[outputs["--html"]] = render_explanation_html(expl.to_dict()).encode("utf-8")
+    try:
+        atomic_write_many(files)
+    except OSError as exc:
+        raise OutputPathError(
+            f"cannot write {exc.filename or 'the outputs'} ({exc.strerror or exc}); nothing was "
+            "written"
+        ) from None
     if not args.quiet:
         print(format_explanation(expl))
         for flag, path in (("json", args.json), ("png", args.png), ("html", args.html)):
             if path:
                 print(f"wrote {flag}: {path}")
     return 0
+
+
+def _png_bytes(expl: Explanation) -> bytes:
+    """The Fig. 4-style heatmap as PNG bytes (nothing written)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from backward_lens.plots import figure_explanation
+
+    fig = figure_explanation(expl)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
 
 
 def _cell(token: str, width: int) -> str:

@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--port", type=int, default=8000, help="port (default 8000; 0 picks a free port)"
     )
     p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.add_argument(
+        "--runs",
+        action="append",
+        metavar="DIR",
+        help="also show the reports of the finetune runs in DIR at /training/ (repeatable)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +49,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be from 0 to 65535 (got {args.port})")
+    runs = None
+    if args.runs:
+        from backward_lens.training.viewer import RunLibrary
+
+        runs = RunLibrary(args.runs)  # checked before the model loads
     lm = model_from_args(args)
-    app = ViewerApp(ModelPool.with_builtins(lm))
+    app = ViewerApp(ModelPool.with_builtins(lm), runs=runs)
     try:
         server = make_server(app, args.host, args.port, quiet=args.quiet)
     except OSError as exc:
@@ -53,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
             "choose another --port (0 picks a free one)"
         ) from None
     print(f"backward-lens viewer for {lm.name}: {server.url}  (Ctrl+C to stop)", flush=True)
+    if runs is not None:
+        print(f"training-lens runs: {server.url.rstrip('/')}/training/", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from backward_lens.commands.common import add_model_arguments, positive_int
+from backward_lens import checks
+from backward_lens.commands.common import add_model_arguments, check_model_args, positive_int
 from backward_lens.errors import InputError
 
 NAME = "study"
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("give the folders to compare: study compare DIR DIR ... --out DIR")
         if not args.out:
             raise InputError("give the comparison's output folder with --out DIR")
+        checks.output_folder(args.out, "--out")
         out = compare_studies(args.folders, args.out)
         if not args.quiet:
             print((out / "summary.md").read_text())
@@ -121,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(
             "give the records with --data FILE (CounterFact, known_1000.json or JSONL)"
         )
+    from backward_lens.study.runner import check_options
+
+    options = StudyOptions(layer=args.layer, lr=args.lr, top=args.top, max_neurons=args.max_neurons)
+    check_options(options)
+    if args.out:
+        checks.output_folder(args.out, "--out")
+    check_model_args(args)
     model: object = args.model
     if args.dtype != "float32" or args.device or args.device_map:
         from backward_lens.commands.common import model_from_args
@@ -133,9 +142,7 @@ def run(args: argparse.Namespace) -> int:
         n=args.n,
         seed=args.seed,
         out=args.out,
-        options=StudyOptions(
-            layer=args.layer, lr=args.lr, top=args.top, max_neurons=args.max_neurons
-        ),
+        options=options,
         batch_size=args.batch_size,
         fresh=args.fresh,
         progress=not args.quiet,

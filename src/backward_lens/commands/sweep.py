@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from backward_lens import checks
 from backward_lens.commands.common import (
     add_model_arguments,
+    check_model_args,
     model_from_args,
     parse_layers,
     positive_int,
@@ -69,26 +71,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _layers(text: str | None, n_layers: int) -> list[int]:
+    """Candidate layers: the default 7, or ``--layers`` (``9,12`` or ``9-27:3``), range-checked."""
     if text is None:
         lo, hi = n_layers // 3, n_layers - 1
         return sorted({round(lo + i * (hi - lo) / 6) for i in range(7)})
     if ":" in text:
-        span, _, step = text.partition(":")
-        found = parse_layers(span) or []
+        span, _, step_text = text.partition(":")
+        found = parse_layers(span) or list(range(n_layers))
         try:
-            return found[:: int(step)]
+            step = int(step_text)
         except ValueError:
             raise InputError(f"cannot read the step in --layers {text!r}") from None
-    return parse_layers(text) or list(range(n_layers))
+        if step < 1:
+            raise InputError(f"the step in --layers {text!r} must be 1 or more")
+        found = found[::step]
+    else:
+        found = parse_layers(text) or list(range(n_layers))
+    checks.layers("--layers", found, n_layers)
+    return found
 
 
 def _etas(text: str | None, default_eta: float) -> list[float]:
+    """Candidate etas: ``--etas`` (each finite, in (0, MAX_ETA]) or multiples of the default."""
     if text is None:
         return [round(default_eta * f, 6) for f in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)]
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise InputError(f"cannot read --etas {text!r}; give numbers like 0.1,0.2,0.4") from None
+    values = [v for v in text.split(",") if v.strip()]
+    if not values:
+        raise InputError(f"--etas {text!r} holds no number; give numbers like 0.1,0.2,0.4")
+    return [checks.eta("--etas", v.strip()) for v in values]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,15 +106,19 @@ def run(args: argparse.Namespace) -> int:
     from backward_lens.evaluation.sweep import choose, plot_sweep, shift_sweep
     from backward_lens.io import atomic_write_text
 
-    if not 0 <= args.min_efficacy <= 1:
-        raise InputError(f"--min-efficacy is a fraction in [0, 1], got {args.min_efficacy}")
+    checks.number("--min-efficacy", args.min_efficacy, lo=0.0, hi=1.0, lo_open=False)
+    if args.etas is not None:
+        _etas(args.etas, 1.0)  # refuse bad numbers before loading anything
+    if args.layers is not None:
+        parse_layers(args.layers.partition(":")[0])
+    out = checks.output_folder(args.out, "--out")
+    check_model_args(args)
     records = load_records(args.data, limit=args.records)
     lm = model_from_args(args)
     layers = _layers(args.layers, lm.n_layers)
     etas = _etas(args.etas, float(editor_defaults(lm, "shift")["eta"]))
     df = shift_sweep(lm, records, layers, etas, batch_size=args.batch_size, progress=not args.quiet)
     best = choose(df, args.min_efficacy)
-    out = Path(args.out)
     atomic_write_text(out / "sweep.csv", df.to_csv(index=False))
     table = _markdown(df, best)
     atomic_write_text(out / "sweep.md", table)

@@ -7,14 +7,14 @@ Editors never name module paths: the matrix to edit comes from the architecture 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from backward_lens import checks
 from backward_lens.adapters import ResolvedMatrix
 from backward_lens.errors import InputError, TargetError
 from backward_lens.models import LensModel
@@ -24,17 +24,9 @@ T = TypeVar("T")
 
 
 def check_layer(lm: LensModel, layer: int, what: str = "layer") -> int:
-    """``layer`` as an index >= 0 (negative counts from the end); InputError if out of range."""
-    n = lm.n_layers
-    try:
-        index = int(layer)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be an integer, got {layer!r}") from None
-    if index != layer:
-        raise InputError(f"{what} must be an integer, got {layer!r}")
-    if not -n <= index < n:
-        raise InputError(f"{what} {layer} is out of range; {lm.name} has layers 0..{n - 1}")
-    return index % n
+    """``layer`` as an index >= 0 (negative counts from the end); InputError if it is not an
+    integer or out of range (the shared check, ``checks.layer``)."""
+    return checks.layer(what, layer, lm.n_layers) % lm.n_layers
 
 
 def parameter_name(model: nn.Module, tensor: Tensor) -> str:
@@ -124,62 +116,6 @@ def target_row(lm: LensModel, token: int) -> Tensor:
     if not 0 <= token < weight.shape[0]:
         raise TargetError(f"token id {token} is outside the model's vocabulary")
     return weight[token].detach()
-
-
-@contextmanager
-def recording_input(module: nn.Module) -> Iterator[list[Tensor]]:
-    """Keep the (detached) input of every call of ``module`` while the context is open."""
-    seen: list[Tensor] = []
-
-    def hook(mod: nn.Module, args: tuple[Tensor, ...], output: Any) -> None:
-        seen.append(args[0].detach())
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def as_batch(t: Tensor, batch: int, length: int) -> Tensor:
-    """[B, T, w] view of an activation (OPT flattens MLP activations to [B*T, w])."""
-    return t.reshape(batch, length, t.shape[-1])
-
-
-@torch.no_grad()
-def forward_ids(lm: LensModel, ids: Sequence[int]) -> Tensor:
-    """Logits [T, V] of one unpadded sequence."""
-    input_ids = torch.tensor([list(ids)], device=lm.device)
-    out = lm.model(input_ids=input_ids, use_cache=False)
-    return out.logits[0]
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def pad_right(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Right-padded ids and attention mask [B, T] (positions stay 0..len-1 for every row)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for b, s in enumerate(sequences):
-        ids[b, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[b, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(lm: LensModel) -> int:
-    pid = lm.tokenizer.pad_token_id
-    return int(pid) if pid is not None else 0
 
 
 def editor_factory(cls: Callable[..., T], name: str) -> Callable[..., T]:

@@ -23,17 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backward_lens.batching import eval_mode, pad_batch, pad_id
 from backward_lens.capture import frozen_for_capture
 from backward_lens.editing.base import Edit, RewriteRequest, register_editor
 from backward_lens.editing.common import (
     EditTokens,
     edit_tokens,
     editor_factory,
-    eval_mode,
     ff2,
     hparams_of,
-    pad_id,
-    pad_right,
 )
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.editing.upper import UpperBlocks
@@ -46,7 +44,8 @@ def teacher_forced_batch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded prompt+target inputs, attention mask and label matrix (-100 = no loss)."""
     seqs = [t.prompt_ids + t.target_ids[:-1] for t in tokens]
-    ids, mask = pad_right(seqs, pad_id(lm), lm.device)
+    batch = pad_batch(seqs, pad_id(lm.tokenizer), side="right", device=lm.device)
+    ids, mask = batch.input_ids, batch.attention_mask
     labels = torch.full_like(ids, -100)
     for b, t in enumerate(tokens):
         start = len(t.prompt_ids) - 1

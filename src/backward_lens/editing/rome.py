@@ -22,24 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backward_lens.batching import Hooks, by_position, eval_mode, pad_batch, pad_id
 from backward_lens.capture import frozen_for_capture
 from backward_lens.editing.base import Edit, RewriteRequest, model_fingerprint, register_editor
 from backward_lens.editing.common import (
     EditedMatrix,
-    as_batch,
     edit_tokens,
     editor_factory,
-    eval_mode,
     ff2,
     hparams_of,
-    pad_id,
-    pad_right,
 )
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.editing.stats import SampleConfig, second_moments
 from backward_lens.editing.upper import UpperBlocks
-from backward_lens.errors import InputError
 from backward_lens.models import LensModel
+from backward_lens.tokens import encode_text, locate_subject
 
 _TEMPLATE_CACHE: dict[tuple[str, str, tuple[tuple[int, int], ...], int], list[str]] = {}
 _TEMPLATE_OPENINGS = ("The", "Therefore", "Because", "I", "You")
@@ -66,20 +63,15 @@ def context_prefixes(
         torch.manual_seed(seed)
         for length, count in spec:
             prompts = [_TEMPLATE_OPENINGS[i % len(_TEMPLATE_OPENINGS)] for i in range(count)]
-            encoded = [tok(p).input_ids for p in prompts]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((count, width), pad_id(lm), dtype=torch.long)
-            mask = torch.zeros((count, width), dtype=torch.long)
-            for b, e in enumerate(encoded):
-                ids[b, width - len(e) :] = torch.tensor(e)
-                mask[b, width - len(e) :] = 1
+            batch = pad_batch([encode_text(tok, p) for p in prompts], pad_id(tok), device=lm.device)
+            width = batch.shape[1]
             gen = lm.model.generate(  # type: ignore[operator]
-                input_ids=ids.to(lm.device),
-                attention_mask=mask.to(lm.device),
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
                 do_sample=True,
                 top_k=5,
                 max_new_tokens=length,
-                pad_token_id=pad_id(lm),
+                pad_token_id=pad_id(tok),
             )
             for b, p in enumerate(prompts):
                 text = p + tok.decode(gen[b, width:], skip_special_tokens=True)
@@ -90,30 +82,6 @@ def context_prefixes(
 
 
 # --------------------------------------------------------------------------- subject positions
-
-
-def subject_span(prompt: str, subject: str) -> tuple[int, int]:
-    """Character span of the subject's first occurrence in the prompt."""
-    start = prompt.find(subject)
-    if not subject or start < 0:
-        raise InputError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
-    return start, start + len(subject)
-
-
-def encode_at_subject(lm: LensModel, text: str, span: tuple[int, int]) -> tuple[list[int], int]:
-    """Token ids of ``text`` and the index of the last token overlapping ``span`` (characters),
-    found from the tokenizer's offsets (no re-tokenisation of pieces)."""
-    tok = lm.tokenizer
-    if getattr(tok, "is_fast", False):
-        enc = tok(text, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < span[1] and b > span[0]]
-        if not hits:
-            raise InputError(f"no token of {text!r} covers the subject; check the subject text")
-        return ids, hits[-1]
-    # Slow tokenizers have no offsets: count the tokens of the text up to the subject's end.
-    ids = list(tok(text).input_ids)
-    return ids, len(tok(text[: span[1]]).input_ids) - 1
 
 
 @dataclass(frozen=True)
@@ -127,14 +95,14 @@ class SubjectPrompt:
 def prompts_at_subject(
     lm: LensModel, request: RewriteRequest, prefixes: Sequence[str]
 ) -> list[SubjectPrompt]:
-    """The edit prompt after each prefix, with the subject's last token located."""
-    start, end = subject_span(request.prompt, request.subject)
+    """The edit prompt after each prefix, with the subject's last token located (by character
+    offsets after the prefix, white space around the subject ignored: ``tokens.locate_subject``)."""
     out = []
     for prefix in prefixes:
-        ids, index = encode_at_subject(
-            lm, prefix + request.prompt, (start + len(prefix), end + len(prefix))
+        ids, (_, end) = locate_subject(
+            lm.tokenizer, prefix + request.prompt, request.subject, search_from=len(prefix)
         )
-        out.append(SubjectPrompt(ids, index))
+        out.append(SubjectPrompt(ids, end - 1))
     return out
 
 
@@ -146,20 +114,20 @@ def module_io_at(
     lm: LensModel, module: nn.Module, prompts: Sequence[SubjectPrompt]
 ) -> tuple[Tensor, Tensor]:
     """Input and output of ``module`` at each prompt's subject position: [N, d_in], [N, d_out]."""
-    ids, mask = pad_right([p.ids for p in prompts], pad_id(lm), lm.device)
+    batch = pad_batch(
+        [p.ids for p in prompts], pad_id(lm.tokenizer), side="right", device=lm.device
+    )
+    ids, mask = batch.input_ids, batch.attention_mask
     got: dict[str, Tensor] = {}
 
     def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else output
-        got["out"] = as_batch(out, *ids.shape).detach()
-        got["in"] = as_batch(args[0], *ids.shape).detach() if args else got["out"]
+        got["out"] = by_position(out, batch.shape).detach()
+        got["in"] = by_position(args[0], batch.shape).detach() if args else got["out"]
 
-    handle = module.register_forward_hook(hook)
-    try:
-        with eval_mode(lm.model):
-            lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        handle.remove()
+    with Hooks() as hooks, eval_mode(lm.model):
+        hooks.forward(module, hook)
+        lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
     rows = torch.arange(len(prompts), device=ids.device)
     index = torch.tensor([p.index for p in prompts], device=ids.device)
     return got["in"][rows, index], got["out"][rows, index]
@@ -219,10 +187,13 @@ def optimize_value(
     """
     target_ids = edit_tokens(lm, request.prompt, request.target_new).target_ids
     rewrites = prompts_at_subject(lm, request, prefixes)
-    kl_text = f"{request.subject} is a"
-    kl_ids, kl_index = encode_at_subject(lm, kl_text, (0, len(request.subject)))
+    kl_ids, (_, kl_end) = locate_subject(
+        lm.tokenizer, f"{request.subject.strip()} is a", request.subject
+    )
+    kl_index = kl_end - 1
     seqs = [p.ids + target_ids[:-1] for p in rewrites] + [kl_ids]
-    ids, mask = pad_right(seqs, pad_id(lm), lm.device)
+    batch = pad_batch(seqs, pad_id(lm.tokenizer), side="right", device=lm.device)
+    ids, mask = batch.input_ids, batch.attention_mask
     b, t = ids.shape
     # Positions whose next-token logits score the target: row i, columns len(ids_i)-1+j.
     n_target = len(target_ids)
@@ -240,7 +211,7 @@ def optimize_value(
 
         def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             out = output[0] if isinstance(output, tuple) else output
-            view = as_batch(out, b, t)
+            view = by_position(out, (b, t))
             if "init" not in state:
                 state["init"] = view[0, rewrites[0].index].detach().clone()
             if "delta" not in state:

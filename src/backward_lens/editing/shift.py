@@ -20,18 +20,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from backward_lens.batching import (
+    by_position,
+    eval_mode,
+    input_device,
+    pad_batch,
+    pad_id,
+    recording_input,
+)
 from backward_lens.editing.base import Edit, RewriteRequest, register_editor
 from backward_lens.editing.common import (
     EditedMatrix,
-    as_batch,
     edit_tokens,
     editor_factory,
-    eval_mode,
     ff2,
     hparams_of,
-    pad_id,
-    pad_right,
-    recording_input,
     target_row,
 )
 from backward_lens.editing.defaults import editor_defaults
@@ -78,9 +81,10 @@ def probe(
             logits = runner.logits
         else:
             with torch.no_grad():
-                out = lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
+                device = input_device(lm.model)
+                out = lm.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
             logits = out.logits[0, -1]
-    x = as_batch(seen[0], 1, len(ids))[0]
+    x = by_position(seen[0], (1, len(ids)))[0]
     t = tokens.first_target
     return ShiftProbe(x, logits.float(), t, target_row(lm, t)), runner
 
@@ -93,11 +97,14 @@ def probe_many(
     row's real positions never see its padding, so each probe equals the single one up to
     float summation order)."""
     tokens = [edit_tokens(lm, r.prompt, r.target_new) for r in requests]
-    ids, mask = pad_right([t.prompt_ids for t in tokens], pad_id(lm), lm.device)
+    batch = pad_batch(
+        [t.prompt_ids for t in tokens], pad_id(lm.tokenizer), side="right", device=lm.device
+    )
+    ids, mask = batch.input_ids, batch.attention_mask
     b, t = ids.shape
     with eval_mode(lm.model), recording_input(matrix.module) as seen:
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    x = as_batch(seen[0], b, t)
+    x = by_position(seen[0], (b, t))
     out = []
     for row, tok in enumerate(tokens):
         n = len(tok.prompt_ids)

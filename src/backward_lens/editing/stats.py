@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from backward_lens.batching import Hooks, by_position, eval_mode, pad_batch, pad_id
 from backward_lens.editing.base import model_fingerprint
-from backward_lens.editing.common import as_batch, eval_mode, ff2, pad_id, pad_right
+from backward_lens.editing.common import ff2
 from backward_lens.io import atomic_write
 from backward_lens.models import LensModel, cache_dir
+from backward_lens.tokens import encode_text
 
 OPENINGS = (
     "The", "In", "A", "It", "This", "He", "She", "They", "When", "After", "According to",
@@ -110,22 +112,18 @@ def sample_texts(lm: LensModel, config: SampleConfig) -> list[list[int]]:
         batches = range(0, config.n_samples, config.batch_size)
         for start in tqdm(batches, desc="sampling text for key statistics", leave=False):
             n = min(config.batch_size, config.n_samples - start)
-            prompts = [tok(OPENINGS[(start + i) % len(OPENINGS)]).input_ids for i in range(n)]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((n, width), pad_id(lm), dtype=torch.long)
-            mask = torch.zeros((n, width), dtype=torch.long)
-            for b, p in enumerate(prompts):  # left padding for generation
-                ids[b, width - len(p) :] = torch.tensor(p)
-                mask[b, width - len(p) :] = 1
+            prompts = [encode_text(tok, OPENINGS[(start + i) % len(OPENINGS)]) for i in range(n)]
+            batch = pad_batch(prompts, pad_id(tok), device=lm.device)  # left padding: generation
+            width = batch.shape[1]
             out = lm.model.generate(  # type: ignore[operator]
-                input_ids=ids.to(lm.device),
-                attention_mask=mask.to(lm.device),
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
                 do_sample=True,
                 top_k=config.top_k,
                 temperature=1.0,
                 top_p=1.0,
                 max_new_tokens=config.length,
-                pad_token_id=pad_id(lm),
+                pad_token_id=pad_id(tok),
             )
             for b, p in enumerate(prompts):
                 new = out[b, width:].tolist()
@@ -173,31 +171,29 @@ def second_moments(
     def recorder(layer: int):
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             b, t = current["shape"].tolist()
-            x = as_batch(args[0], b, t)[current["keep"]]  # [N, d_ff]
+            x = by_position(args[0], (b, t))[current["keep"]]  # [N, d_ff]
             sums[layer] += (x.T.double() @ x.double()) if x.numel() else 0.0
             if layer == deepest:
                 raise _Stop
 
         return hook
 
-    handles = [matrices[layer].module.register_forward_hook(recorder(layer)) for layer in missing]
-    try:
-        with eval_mode(lm.model):
-            for start in tqdm(
-                range(0, len(texts), config.batch_size), desc="key statistics", leave=False
-            ):
-                batch = texts[start : start + config.batch_size]
-                ids, mask = pad_right(batch, pad_id(lm), lm.device)
-                keep = mask.bool().clone()
-                keep[:, 0] = False  # skip each text's first position (attention sink)
-                current["shape"] = torch.tensor(ids.shape)
-                current["keep"] = keep
-                count += int(keep.sum())
-                with contextlib.suppress(_Stop):
-                    lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    with Hooks() as hooks, eval_mode(lm.model):
+        for layer in missing:
+            hooks.forward(matrices[layer].module, recorder(layer))
+        for start in tqdm(
+            range(0, len(texts), config.batch_size), desc="key statistics", leave=False
+        ):
+            batch = texts[start : start + config.batch_size]
+            padded = pad_batch(batch, pad_id(lm.tokenizer), side="right", device=lm.device)
+            ids, mask = padded.input_ids, padded.attention_mask
+            keep = mask.bool().clone()
+            keep[:, 0] = False  # skip each text's first position (attention sink)
+            current["shape"] = torch.tensor(ids.shape)
+            current["keep"] = keep
+            count += int(keep.sum())
+            with contextlib.suppress(_Stop):
+                lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
     for layer in missing:
         mom2 = sums[layer] / max(count, 1)
         _save(paths[layer], {"mom2": mom2.float(), "count": torch.tensor(count)})

@@ -10,13 +10,13 @@ and by ROME/MEMIT's value optimisation (gradient steps through the upper blocks 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from backward_lens.batching import Hooks, accepts
 from backward_lens.models import LensModel
 
 OutputHook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
@@ -47,21 +47,15 @@ class UpperBlocks:
         input_ids = input_ids.to(lm.device)
         self.length = int(input_ids.shape[1])
         self._calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        handles = [
-            self.blocks[k].register_forward_pre_hook(self._keep(k), with_kwargs=True)
-            for k in range(layer, len(self.blocks))
-        ]
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-        if "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
+        if accepts(lm.model, "logits_to_keep"):
             kwargs["logits_to_keep"] = 1  # only the last position is read
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask.to(lm.device)
-        try:
-            with torch.no_grad():
-                self.logits: Tensor = lm.model(**kwargs).logits[0, -1]
-        finally:
-            for h in handles:
-                h.remove()
+        with Hooks() as hooks, torch.no_grad():
+            for k in range(layer, len(self.blocks)):
+                hooks.pre_forward(self.blocks[k], self._keep(k), with_kwargs=True)
+            self.logits: Tensor = lm.model(**kwargs).logits[0, -1]
         args, block_kwargs = self._calls[layer]
         self.hidden: Tensor = args[0] if args else block_kwargs["hidden_states"]
 
@@ -80,8 +74,9 @@ class UpperBlocks:
         Runs under the caller's grad mode, so a hook that adds a trainable tensor can be
         optimised through the upper blocks only.
         """
-        handle = module.register_forward_hook(hook) if module is not None and hook else None
-        try:
+        with Hooks() as hooks:
+            if module is not None and hook is not None:
+                hooks.forward(module, hook)
             h = self.hidden
             for k in range(self.layer, len(self.blocks)):
                 args, kwargs = self._calls[k]
@@ -90,9 +85,6 @@ class UpperBlocks:
                 else:
                     out = self.blocks[k](**{**kwargs, "hidden_states": h})
                 h = out[0] if isinstance(out, tuple) else out
-        finally:
-            if handle is not None:
-                handle.remove()
         return h
 
     @torch.no_grad()

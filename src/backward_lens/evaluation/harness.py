@@ -7,18 +7,22 @@ exact for edits of Linear/Conv1D weights. Edits of other parameters, and ``batch
 the plain path: apply the edit, score that record, revert.
 
 Lines are appended to ``results.jsonl`` as soon as a group is done, so an interrupted run resumes
-where it stopped (``resume=True``): a (method label, case_id) already in the file is never
-recomputed or written twice, and a torn last line is dropped. Sampling for fluency is seeded per
-record and row, so results do not depend on grouping or on where a run was resumed.
+where it stopped (``resume=True``): a (method label, record key) already in the file is never
+recomputed or written twice, a finished line is never deleted, and only a torn last line (a crash
+mid-write) is repaired. A record's key (:func:`record_keys`) is its id when the id is present and
+unique in the records, else its position plus a hash of its content. Sampling for fluency is
+seeded per record and row, so results do not depend on grouping or on where a run was resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +30,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from backward_lens import checks
 from backward_lens.data import FactRecord
 from backward_lens.editing.base import Edit, Editor, RewriteRequest, get_editor
-from backward_lens.errors import BackwardLensError, InputError
+from backward_lens.errors import BackwardLensError, DataError, InputError
 from backward_lens.evaluation.metrics import (
     RecordPrompts,
     fluency,
@@ -164,6 +169,7 @@ class RunResult:
     skipped: int
     errors: int
     reused: int
+    duplicate_ids: list[str] = field(default_factory=list)
 
 
 class _Method:
@@ -214,27 +220,77 @@ def prepare(
     return out
 
 
+MISSING_ID = -1
+"""The id the data readers give a record whose file has none."""
+
+
+def record_keys(records: Sequence[FactRecord]) -> tuple[list[str], list[str]]:
+    """A stable key per record, and the ids that occur more than once.
+
+    The key is ``str(case_id)`` when the record has an id that no other record shares; else
+    ``"#<position>:<8 hex digits of the SHA-256 of its content>"``, so records without ids, or
+    with duplicate ids, still get distinct keys that stay the same when the run is resumed on the
+    same file (positions count from the start of the file; ``--records N`` keeps a prefix).
+
+    Returns:
+        (keys in record order, duplicate ids as strings, sorted).
+    """
+    counts = Counter(str(r.case_id) for r in records)
+    keys = []
+    for i, r in enumerate(records):
+        cid = str(r.case_id)
+        if counts[cid] == 1 and r.case_id != MISSING_ID and not cid.startswith("#"):
+            keys.append(cid)
+        else:
+            content = {k: v for k, v in r.to_dict().items() if k != "layout"}
+            digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+            keys.append(f"#{i}:{digest[:8]}")
+    duplicates = sorted(c for c, n in counts.items() if n > 1 and c != str(MISSING_ID))
+    return keys, duplicates
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str]:
+    """(label, record key) of a result line (lines of older versions have no key: the id)."""
+    key = row["key"] if "key" in row else row["case_id"]
+    return str(row["label"]), str(key)
+
+
 def _read_done(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Lines already written, keyed by (label, case_id); rewrites the file if its tail is torn."""
+    """Lines already written, keyed by (label, record key).
+
+    Nothing finished is ever dropped: a line that is not JSON is tolerated only as the last line
+    (a write torn by a crash), which is then cut off; anywhere else it is an error. When two lines
+    share a key the first is used and both stay in the file.
+
+    Raises:
+        DataError: a damaged line before the last one.
+    """
     done: dict[tuple[str, str], dict[str, Any]] = {}
     if not path.is_file():
         return done
-    good: list[str] = []
-    torn = False
-    for line in path.read_text(encoding="utf-8").splitlines():
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (torn or empty)
+    keep = len(data) - len(tail)
+    for number, raw in enumerate(complete, 1):
+        if not raw.strip():
+            continue
         try:
-            row = json.loads(line)
-            key = (str(row["label"]), str(row["case_id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            torn = True
-            continue
-        if key in done:
-            torn = True
-            continue
-        done[key] = row
-        good.append(line)
-    if torn or (path.stat().st_size and not path.read_bytes().endswith(b"\n")):
-        atomic_write_text(path, "".join(line + "\n" for line in good))
+            row = json.loads(raw)
+            key = _row_key(row)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            if number == len(complete) and not tail.strip():
+                keep -= len(raw) + 1  # a torn last line that happens to end in a newline
+                break
+            raise DataError(
+                f"{path} line {number} is damaged (not a result line); move the file aside or "
+                "repair that line, then resume"
+            ) from None
+        done.setdefault(key, row)
+    if keep != len(data):
+        with path.open("r+b") as fh:  # cut the torn tail only; every complete line stays
+            fh.truncate(keep)
+            os.fsync(fh.fileno())
     return done
 
 
@@ -256,7 +312,13 @@ def _check_run(
             )
         results.unlink()
     if resume and run_path.is_file():
-        old = json.loads(run_path.read_text())
+        try:
+            old = json.loads(run_path.read_text(encoding="utf-8"))
+            assert isinstance(old, dict)
+        except (ValueError, AssertionError):
+            raise DataError(
+                f"{run_path} is damaged (not a JSON object); move it aside to resume this run"
+            ) from None
         diff = [k for k in meta if old.get(k) != meta[k]]
         if diff:
             raise InputError(
@@ -288,7 +350,8 @@ def evaluate(
         out_dir: receives ``run.json``, ``results.jsonl`` (and the summary, see ``summary.py``).
         settings: what to measure and batching.
         data: the data file's name, recorded in ``run.json`` (a resumed run must match it).
-        resume: continue a run in ``out_dir``; done (label, case_id) pairs are kept as they are.
+        resume: continue a run in ``out_dir``; done (label, record key) pairs are kept as they are
+            (see :func:`record_keys`); a finished line is never deleted.
         overwrite: discard earlier results in ``out_dir``.
         on_result: called with each line after it is written (tests use it to interrupt).
         progress: show a tqdm bar (records/s and ETA).
@@ -298,8 +361,19 @@ def evaluate(
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise InputError(f"a method is listed twice: {labels}")
+    for spec in specs:  # values, layers against this model: before any record runs
+        checks.hparams(spec.name, spec.hparams, lm.n_layers)
     prepared_methods = [_Method(lm, s) for s in specs]  # unknown names fail here, before work
-    out = Path(out_dir)
+    out = checks.output_folder(out_dir, "--out")
+    keys, duplicates = record_keys(records)
+    if duplicates:
+        shown = ", ".join(duplicates[:5]) + (" ..." if len(duplicates) > 5 else "")
+        log.warning(
+            "%d id(s) occur more than once in the records (%s); those records are keyed by "
+            "position and content instead",
+            len(duplicates),
+            shown,
+        )
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, lm, data, settings, resume, overwrite)
     results_path = out / RESULTS
@@ -307,7 +381,8 @@ def evaluate(
     reused = sum(1 for k in done if k[0] in labels)
 
     items = prepare(records, lm)
-    todo = [it for it in items if any((s.label, str(_case(it))) not in done for s in specs)]
+    key_of = {it_index: key for it_index, key in enumerate(keys)}
+    todo = [it for it in items if any((s.label, key_of[_index(it)]) not in done for s in specs)]
     runner = _Runner(lm, settings)
     stats = {"written": 0, "skipped": 0, "errors": 0}
     bar = tqdm(total=len(todo), unit="rec", disable=not progress, desc="evaluate", smoothing=0.1)
@@ -325,11 +400,13 @@ def evaluate(
         for start in range(0, len(todo), max(1, settings.group_size)):
             group = todo[start : start + max(1, settings.group_size)]
             for method in prepared_methods:
-                pending = [it for it in group if (method.spec.label, str(_case(it))) not in done]
+                label = method.spec.label
+                pending = [it for it in group if (label, key_of[_index(it)]) not in done]
                 rows = runner.run_group(method, pending)
                 for row in rows:
+                    row = {"key": key_of[row["index"]], **row}
                     write(row)
-                    done[(row["label"], str(row["case_id"]))] = row
+                    done[_row_key(row)] = row
             os.fsync(fh.fileno())
             bar.update(len(group))
             bar.set_postfix(written=stats["written"], skipped=stats["skipped"])
@@ -340,11 +417,19 @@ def evaluate(
             stats["errors"],
             results_path,
         )
-    return RunResult(out, results_path, stats["written"], stats["skipped"], stats["errors"], reused)
+    return RunResult(
+        out,
+        results_path,
+        stats["written"],
+        stats["skipped"],
+        stats["errors"],
+        reused,
+        duplicates,
+    )
 
 
-def _case(item: _Prepared | tuple[int, FactRecord, str]) -> Any:
-    return item.record.case_id if isinstance(item, _Prepared) else item[1].case_id
+def _index(item: _Prepared | tuple[int, FactRecord, str]) -> int:
+    return item.index if isinstance(item, _Prepared) else item[0]
 
 
 def _jsonable(value: Any) -> Any:

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from backward_lens.batching import eval_mode, input_device, model_inputs, pad_batch, pad_id
 from backward_lens.data import FactRecord
 from backward_lens.errors import InputError
 from backward_lens.evaluation.scoring import BatchCallback, TargetScore, score_sequences
 from backward_lens.models import LensModel
+from backward_lens.tokens import encode_text
 
 KINDS = ("efficacy", "paraphrase", "neighborhood")
 
@@ -183,61 +185,53 @@ def generate_texts(
     """
     tok = lm.tokenizer
     model = lm.model
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = input_device(model)
     eos = tok.eos_token_id
     texts: list[str] = []
     step = max(1, batch_size)
-    for start in range(0, len(prompts), step):
-        chunk = list(range(start, min(len(prompts), start + step)))
-        ids = [list(tok(prompts[i], add_special_tokens=True)["input_ids"]) for i in chunk]
-        width = max(len(s) for s in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for b, s in enumerate(ids):
-            input_ids[b, width - len(s) :] = torch.tensor(s)
-            mask[b, width - len(s) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
-        if on_batch is not None:
-            on_batch(chunk)
-        out = model(
-            input_ids=input_ids.to(lm.device),
-            attention_mask=mask.to(lm.device),
-            position_ids=positions.to(lm.device),
-            use_cache=True,
-        )
-        new_tokens: list[list[int]] = [[] for _ in chunk]
-        keep = [max(1, max_length - len(s)) for s in ids]  # each row ends near max_length
-        n_new = max(keep)
-        for t in range(n_new):
-            logits = out.logits[:, -1].float().cpu()
-            if eos is not None:
-                logits[:, eos] = -math.inf
-            values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            probs = values.softmax(-1)
-            picked = torch.stack(
-                [
-                    indices[b, torch.multinomial(probs[b], 1, generator=g)]
-                    for b, g in enumerate(gens)
-                ]
-            )[:, 0]
-            for b in range(len(chunk)):
-                new_tokens[b].append(int(picked[b]))
-            if t == n_new - 1:
-                break
-            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(
-                input_ids=picked[:, None].to(lm.device),
-                attention_mask=mask.to(lm.device),
-                position_ids=positions.to(lm.device),
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-        texts += [
-            tok.decode(s + n[:k], skip_special_tokens=True)
-            for s, n, k in zip(ids, new_tokens, keep, strict=True)
-        ]
+    with eval_mode(model):
+        for start in range(0, len(prompts), step):
+            chunk = list(range(start, min(len(prompts), start + step)))
+            ids = [encode_text(tok, prompts[i]) for i in chunk]
+            batch = pad_batch(ids, pad_id(tok))
+            mask, positions = batch.attention_mask, batch.position_ids
+            gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
+            if on_batch is not None:
+                on_batch(chunk)
+            kwargs = model_inputs(model, batch.to(device))
+            out = model(**{**kwargs, "use_cache": True})
+            new_tokens: list[list[int]] = [[] for _ in chunk]
+            keep = [max(1, max_length - len(s)) for s in ids]  # each row ends near max_length
+            n_new = max(keep)
+            for t in range(n_new):
+                logits = out.logits[:, -1].float().cpu()
+                if eos is not None:
+                    logits[:, eos] = -math.inf
+                values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+                probs = values.softmax(-1)
+                picked = torch.stack(
+                    [
+                        indices[b, torch.multinomial(probs[b], 1, generator=g)]
+                        for b, g in enumerate(gens)
+                    ]
+                )[:, 0]
+                for b in range(len(chunk)):
+                    new_tokens[b].append(int(picked[b]))
+                if t == n_new - 1:
+                    break
+                mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=torch.long)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = model(
+                    input_ids=picked[:, None].to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=positions.to(device),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+            texts += [
+                tok.decode(s + n[:k], skip_special_tokens=True)
+                for s, n, k in zip(ids, new_tokens, keep, strict=True)
+            ]
     return texts
 
 
@@ -247,7 +241,7 @@ def generate_texts(
 
 def text_sequences(lm: LensModel, texts: Sequence[str], max_tokens: int = 256) -> list[list[int]]:
     """Token ids of each text (BOS if the tokenizer adds one), cut to ``max_tokens``."""
-    seqs = [list(lm.tokenizer(t, add_special_tokens=True)["input_ids"])[:max_tokens] for t in texts]
+    seqs = [encode_text(lm.tokenizer, t)[:max_tokens] for t in texts]
     short = [t for t, s in zip(texts, seqs, strict=True) if len(s) < 2]
     if short:
         raise InputError(f"perplexity texts need at least 2 tokens: {short[0]!r}")

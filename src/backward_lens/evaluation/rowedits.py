@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from backward_lens.adapters import weight_layout
+from backward_lens.batching import Hooks
 from backward_lens.editing.base import Edit
-from backward_lens.errors import UnsupportedArchitectureError
+from backward_lens.errors import EditError, UnsupportedArchitectureError
 
 
 def _owner(model: nn.Module, param: str) -> nn.Module | None:
@@ -52,7 +53,6 @@ class RowEdits:
         self.rows: list[int | None] = []
         # module -> list of (edit index, delta laid out so that out += x @ delta) per edit
         self.by_module: dict[nn.Module, list[tuple[int, Tensor]]] = {}
-        device = next(model.parameters()).device
         for k, edit in enumerate(edits):
             if edit is None:
                 continue
@@ -62,7 +62,12 @@ class RowEdits:
                     raise ValueError(f"{name} cannot be edited per row (not a Linear/Conv1D)")
                 weight = module.weight
                 assert isinstance(weight, Tensor)
-                d = delta.to(device, weight.dtype)
+                if weight.device.type == "meta":
+                    raise EditError(
+                        f"{name} is offloaded (on the meta device); per-row edits need it loaded: "
+                        "load the model without offloading (no device_map, or more max_memory)"
+                    )
+                d = delta.to(weight.device, weight.dtype)  # the edited weight's own device
                 d = d.T if weight_layout(module) == "out_in" else d  # [in, out]
                 self.by_module.setdefault(module, []).append((k, d.contiguous()))
 
@@ -92,9 +97,8 @@ class RowEdits:
 
     @contextmanager
     def installed(self) -> Iterator[RowEdits]:
-        handles = [m.register_forward_hook(self._hook(m)) for m in self.by_module]
-        try:
+        """Install the per-row hooks for the duration (always removed: ``batching.Hooks``)."""
+        with Hooks() as hooks:
+            for m in self.by_module:
+                hooks.forward(m, self._hook(m))
             yield self
-        finally:
-            for h in handles:
-                h.remove()

@@ -11,14 +11,14 @@ harness uses it to tell per-row edit hooks which record each row belongs to.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from backward_lens.batching import eval_mode, input_device, model_inputs, pad_batch, pad_id
 from backward_lens.models import LensModel
 from backward_lens.tokens import EncodedRequest, encode_request
 
@@ -65,10 +65,6 @@ def encode_pair(lm: LensModel, prompt: str, target: str) -> EncodedRequest:
     )
 
 
-def _accepts(model: nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
-
-
 @torch.no_grad()
 def score_sequences(
     lm: LensModel,
@@ -80,6 +76,9 @@ def score_sequences(
 ) -> list[tuple[Tensor, Tensor]]:
     """Per-token NLL and argmax hit of the last ``n_scored[i]`` tokens of each sequence.
 
+    The model runs in eval mode (dropout off; its modes are restored afterwards), so two runs
+    give the same numbers whatever mode the model was left in.
+
     Args:
         lm: the model.
         sequences: token ids; token ``j`` is predicted from tokens ``< j``.
@@ -88,44 +87,33 @@ def score_sequences(
         on_batch: called with the sequence indices of each batch before its forward pass.
 
     Returns:
-        For each sequence, ``(nll [n], correct [n] bool)`` on the CPU, in input order.
+        For each sequence, ``(nll [n], correct [n] bool)`` on the CPU, in input order; NLLs in
+        nats, computed in float32.
     """
     model = lm.model
-    device = lm.device
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    use_positions = _accepts(model, "position_ids")
-    keep_arg = _accepts(model, "logits_to_keep")
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[tuple[Tensor, Tensor] | None] = [None] * len(sequences)
-    for start in range(0, len(order), max(1, batch_size)):
-        idx = order[start : start + max(1, batch_size)]
-        inputs = [list(sequences[i][:-1]) for i in idx]
-        width = max(len(s) for s in inputs)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for b, s in enumerate(inputs):
-            input_ids[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[b, width - len(s) :] = 1
-        n_keep = max(n_scored[i] for i in idx)
-        kwargs: dict[str, object] = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": mask.to(device),
-            "use_cache": False,
-        }
-        if use_positions:
-            kwargs["position_ids"] = ((mask.cumsum(-1) - 1).clamp_min(0)).to(device)
-        if keep_arg:
-            kwargs["logits_to_keep"] = n_keep
-        if on_batch is not None:
-            on_batch(idx)
-        logits = model(**kwargs).logits[:, -n_keep:]  # [B, n_keep, V]
-        for b, i in enumerate(idx):
-            m = n_scored[i]
-            rows = logits[b, n_keep - m :].float()  # [m, V]
-            ids = torch.tensor(sequences[i][-m:], dtype=torch.long, device=rows.device)
-            nll = -rows.log_softmax(-1).gather(-1, ids[:, None])[:, 0]
-            correct = rows.argmax(-1) == ids
-            out[i] = (nll.cpu(), correct.cpu())
+    step = max(1, batch_size)
+    with eval_mode(model):
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            batch = pad_batch(
+                [list(sequences[i][:-1]) for i in idx],
+                pad_id(lm.tokenizer),
+                device=input_device(model),
+            )
+            n_keep = max(n_scored[i] for i in idx)
+            if on_batch is not None:
+                on_batch(idx)
+            kwargs = model_inputs(model, batch, logits_to_keep=n_keep)
+            logits = model(**kwargs).logits[:, -n_keep:]  # [B, n_keep, V]
+            for b, i in enumerate(idx):
+                m = n_scored[i]
+                rows = logits[b, n_keep - m :].float()  # [m, V]
+                ids = torch.tensor(sequences[i][-m:], dtype=torch.long, device=rows.device)
+                nll = -rows.log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+                correct = rows.argmax(-1) == ids
+                out[i] = (nll.cpu(), correct.cpu())
     return [o for o in out if o is not None]
 
 
@@ -138,7 +126,9 @@ def score_targets(
 ) -> list[TargetScore]:
     """Score ``(prompt, target)`` pairs (or pre-encoded requests) in padded batches.
 
-    A space is prepended to a target that lacks one (the official code's convention).
+    Pairs are encoded under the package's contract (``tokens.encode_request``): white space at
+    a prompt's end moves into the target, a space is prepended to a target that lacks one (the
+    official code's convention), and the target's tokens are those that follow the prompt.
     """
     encoded = [p if isinstance(p, EncodedRequest) else encode_pair(lm, *p) for p in pairs]
     seqs = [r.prompt_ids + r.target_ids for r in encoded]

@@ -36,17 +36,30 @@ METRICS: tuple[tuple[str, str, float], ...] = (
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``results.jsonl`` (``path`` is the file or its run folder).
+
+    A torn last line (a run killed mid-write) is left out; a damaged line anywhere else is an
+    error, never silently dropped.
+
+    Raises:
+        DataError: no results file, or a damaged line before the last.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "results.jsonl"
     if not path.is_file():
         raise DataError(f"no results file at {path}; run 'backward-lens evaluate' first")
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a torn last line of an interrupted run
+            if number == len(lines):
+                continue  # a torn last line of an interrupted run
+            raise DataError(
+                f"{path}: line {number} is damaged (not JSON); repair or remove that line"
+            ) from None
     return rows
 
 

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from backward_lens import checks
+from backward_lens.batching import Hooks
 from backward_lens.data import FactRecord
 from backward_lens.errors import BackwardLensError, InputError
 from backward_lens.evaluation.metrics import RecordPrompts
@@ -124,10 +126,11 @@ def _probe(
 
         return hook
 
-    handles = [modules[layer].register_forward_hook(keep(layer)) for layer in layers]
     predicted = []
     order: list[int] = []
-    try:
+    with Hooks() as hooks:
+        for layer in layers:
+            hooks.forward(modules[layer], keep(layer))
         prompt_seqs = [[*c.seqs[0][: len(c.seqs[0]) - c.n_scored[0]], c.target_id] for c in cases]
         for start in range(0, len(cases), batch_size):
             chunk = prompt_seqs[start : start + batch_size]
@@ -140,9 +143,6 @@ def _probe(
                 on_batch=_offset(order, start),
             )
             predicted += [bool(ok[0]) for _, ok in scored]
-    finally:
-        for h in handles:
-            h.remove()
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
     return {layer: torch.cat(v)[inverse] for layer, v in store.items()}, torch.tensor(predicted)
@@ -158,12 +158,11 @@ def shift_sweep(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Metrics of forward pass shift for every (layer, eta), plus the unedited row (eta 0)."""
-    for layer in layers:
-        if not -lm.n_layers <= layer < lm.n_layers:
-            raise InputError(f"layer {layer} is out of range; the model has {lm.n_layers} layers")
+    checks.layers("layers", list(layers), lm.n_layers)
     layers = [layer % lm.n_layers for layer in layers]
-    if any(e <= 0 for e in etas):
-        raise InputError("every eta must be positive")
+    if not etas:
+        raise InputError("give at least one eta")
+    etas = [checks.eta("eta", e) for e in etas]  # finite, in (0, MAX_ETA]: shared with the CLI
     cases = _prepare(lm, records)
     x_by_layer, predicted = _probe(lm, cases, layers, batch_size)
     unembed = lm.arch.unembedding()[0].detach().float().cpu()
@@ -181,15 +180,13 @@ def shift_sweep(
         rows = _ShiftRows(x_by_layer[layer], e_t, ~predicted)
         rows.eta = eta
         module = lm.arch.resolve(layer, "ff2").module
-        handle = module.register_forward_hook(rows.hook)
 
         def on_batch(idx: list[int], rows: _ShiftRows = rows) -> None:
             rows.rows = owner_t[idx]
 
-        try:
+        with Hooks() as hooks:
+            hooks.forward(module, rows.hook)
             scored = score_sequences(lm, seqs, n_scored, batch_size=batch_size, on_batch=on_batch)
-        finally:
-            handle.remove()
         points.append(_point(layer if eta else -1, eta, cases, scored))
     return pd.DataFrame([asdict(p) for p in points])
 

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backward_lens import checks
 from backward_lens.capture import capture_requests
 from backward_lens.data import FactRecord, load_records
-from backward_lens.errors import BackwardLensError, InputError
+from backward_lens.errors import BackwardLensError, DataError, InputError
 from backward_lens.io import atomic_write_bytes, atomic_write_text
 from backward_lens.models import DEFAULT_MODEL, LensModel, load_model
 from backward_lens.study.base import Aggregate, Experiment, Item, StudyOptions, clean_json
@@ -110,20 +111,55 @@ def _reason(exc: BaseException) -> str:
 
 
 def _read_raw(path: Path) -> list[dict[str, Any]]:
-    """Lines of ``raw.jsonl``; a torn last line is dropped and the file rewritten without it."""
+    """Lines of ``raw.jsonl``. Only a torn last line (a crash mid-write) is cut off; a damaged
+    line before it is an error, so no finished line is ever deleted.
+
+    Raises:
+        DataError: a line before the last is not a JSON object with a ``key``.
+    """
     if not path.exists():
         return []
-    rows, torn = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    keep = len(data) - len(tail)
+    rows = []
+    for number, raw in enumerate(complete, 1):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            torn = True
-    if torn:
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+            row = json.loads(raw)
+            if not isinstance(row, dict) or "key" not in row:
+                raise ValueError
+        except (UnicodeDecodeError, ValueError):
+            if number == len(complete) and not tail.strip():
+                keep -= len(raw) + 1
+                break
+            raise DataError(
+                f"{path} line {number} is damaged; move the file aside (or pass --fresh to "
+                "start again) and re-run"
+            ) from None
+        rows.append(row)
+    if keep != len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(keep)
+            os.fsync(fh.fileno())
     return rows
+
+
+def check_options(options: StudyOptions, n_layers: int | None = None) -> None:
+    """The experiment knobs' values, shared by the CLI and the API (``layer`` against the model
+    once it is known).
+
+    Raises:
+        InputError: a negative ``max_neurons``, a non-finite or non-positive ``lr``, a
+            ``top`` below 1, a ``layer`` the model does not have.
+    """
+    checks.integer("--max-neurons", options.max_neurons, lo=0)
+    checks.number("--lr", options.lr, lo=0.0, hi=checks.MAX_LR)
+    checks.integer("--top", options.top, lo=1)
+    if options.layer is not None:
+        checks.layer("--layer", options.layer, n_layers)
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -189,8 +225,11 @@ def run_study(
     """
     exp = get_experiment(experiment) if isinstance(experiment, str) else experiment
     options = options or StudyOptions()
+    check_options(options, None if isinstance(model, str) else model.n_layers)
+    checks.integer("batch_size", batch_size, lo=1)
     model_name = model if isinstance(model, str) else model.name
     out = Path(out) if out is not None else Path("study") / model_name / exp.name
+    checks.output_folder(out, "--out")
     if records is None:
         if data is None:
             raise InputError("give the records' file with --data (CounterFact, known_1000, JSONL)")
@@ -207,12 +246,8 @@ def run_study(
         "options": options.to_dict(),
         "sampled": len(records),
     }
-    out.mkdir(parents=True, exist_ok=True)
     raw_path = out / RAW
-    previous = json.loads((out / CONFIG).read_text()) if (out / CONFIG).exists() else None
-    if fresh:
-        raw_path.unlink(missing_ok=True)
-        previous = None
+    previous = None if fresh else _read_config(out / CONFIG)
     if previous is not None:
         differ = [k for k in config if previous.get("run", {}).get(k) != config[k]]
         if differ and raw_path.exists():
@@ -220,7 +255,7 @@ def run_study(
                 f"{out} holds a different run (it differs in {', '.join(differ)}); choose another "
                 "--out, or pass --fresh to overwrite it"
             )
-    rows = _read_raw(raw_path)
+    rows = [] if fresh else _read_raw(raw_path)
     done = {r["key"] for r in rows}
     keys = [str(r.case_id) for r in records]
     if len(set(keys)) != len(keys):  # ids are not unique: fall back to the sample position
@@ -230,6 +265,10 @@ def run_study(
     facts = (previous or {}).get("facts")
     if pending:
         lm = model if isinstance(model, LensModel) else load_model(model)
+        check_options(options, lm.n_layers)  # before anything is written or computed
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            raw_path.unlink(missing_ok=True)
         facts = _model_facts(lm)
         atomic_write_text(out / CONFIG, json.dumps({"run": config, "facts": facts}, indent=2))
         _compute(exp, lm, pending, raw_path, options, batch_size, progress)
@@ -237,6 +276,19 @@ def run_study(
     elif facts is None:
         raise InputError(f"{out} has no record to compute and no model facts; pass --fresh")
     return finish(exp, out, rows, keys, {"run": config, "facts": facts})
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """``config.json`` of an earlier run, or None; a damaged one is a one-line error."""
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{path} is damaged; pass --fresh to start again or move it") from None
+    return config
 
 
 def _compute(

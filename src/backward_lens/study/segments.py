@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from backward_lens.errors import DataError
+from backward_lens.errors import DataError, InputError
+from backward_lens.tokens import locate_subject, token_spans
 
 SEGMENTS: tuple[str, ...] = (
     "bos",
@@ -70,45 +71,6 @@ class Segmentation:
         return cls(int(data["n"]), (int(start), int(end)), dict(data["positions"]))
 
 
-def _find(prompt: str, subject: str, occurrence: int) -> tuple[int, int]:
-    start = -1
-    for _ in range(occurrence + 1):
-        start = prompt.find(subject, start + 1)
-        if start < 0:
-            break
-    if start < 0:
-        raise DataError(f"subject {subject!r} not found in the prompt {prompt!r}")
-    return start, start + len(subject)
-
-
-def _offsets(tokenizer: Any, prompt: str, ids: list[int]) -> list[tuple[int, int]]:
-    """Character span of each token; (0, 0) for special tokens.
-
-    Fast tokenisers report offsets; for slow ones we decode growing prefixes (O(n^2) decoding,
-    fine for prompts) and attribute each token the text it adds.
-    """
-    try:
-        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-        if list(enc["input_ids"]) == list(ids):
-            return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        pass
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    spans: list[tuple[int, int]] = []
-    previous = 0
-    kept: list[int] = []
-    for token_id in ids:
-        if token_id in special:
-            spans.append((0, 0))
-            continue
-        kept.append(token_id)
-        text = tokenizer.decode(kept, skip_special_tokens=True)
-        end = min(len(text), len(prompt))
-        spans.append((previous, max(previous, end)))
-        previous = max(previous, end)
-    return spans
-
-
 def segment_prompt(
     tokenizer: Any,
     prompt: str,
@@ -129,19 +91,14 @@ def segment_prompt(
     Raises:
         DataError: the subject is empty or not in the prompt, or no token covers it.
     """
-    subject = subject.strip()
-    if not subject:
-        raise DataError("the subject is empty")
-    c0, c1 = _find(prompt, subject, occurrence)
-    ids = list(prompt_ids)
-    spans = _offsets(tokenizer, prompt, ids)
+    try:
+        ids, (start, end) = locate_subject(
+            tokenizer, prompt, subject, ids=prompt_ids, occurrence=occurrence
+        )
+    except InputError as exc:
+        raise DataError(str(exc)) from None
+    spans = token_spans(tokenizer, prompt, ids)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    covered = [
-        i for i, (a, b) in enumerate(spans) if b > a and a < c1 and b > c0 and ids[i] not in special
-    ]
-    if not covered:
-        raise DataError(f"no token covers the subject {subject!r} in {prompt!r}")
-    start, end = covered[0], covered[-1] + 1
     n = len(ids)
     last = n - 1
     bos = [i for i in range(start) if ids[i] in special or spans[i][1] <= spans[i][0]]

@@ -9,7 +9,6 @@ or clicking cells re-reads it without a new backward pass.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -21,13 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from backward_lens.batching import model_inputs, pad_batch, pad_id
 from backward_lens.capture import Capture, capture_requests, frozen_for_capture
 from backward_lens.editing import RewriteRequest, get_editor
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.errors import InputError
 from backward_lens.explain import explain_capture
 from backward_lens.models import LensModel
-from backward_lens.tokens import EncodedRequest, encode_request
+from backward_lens.tokens import EncodedRequest, encode_request, encode_text
 from backward_lens.web.cells import cell_details
 from backward_lens.web.pool import ModelPool
 from backward_lens.web.validation import Body, Limits
@@ -100,10 +100,13 @@ class ViewerApp:
         pool: ModelPool,
         limits: Limits | None = None,
         editor_factory: EditorFactory = shift_editor,
+        runs: Any = None,
     ) -> None:
         self.pool = pool
         self.limits = limits or Limits()
         self.editor_factory = editor_factory
+        self.runs = runs
+        """Training-lens run folders shown under /training (a ``training.viewer.RunLibrary``)."""
         self.sessions = Sessions(self.limits.max_sessions)
 
     # -- configuration and status ---------------------------------------------------------------
@@ -221,22 +224,14 @@ class ViewerApp:
     def predict(self, lm: LensModel, prompts: list[str], target_id: int) -> list[dict[str, Any]]:
         """Top-1 next token of each prompt, and the target's probability and rank.
 
-        One left-padded batch with explicit position ids (as in ``capture``), so the edit panel
-        costs two forward passes (before and after) whatever the number of prompts.
+        One left-padded batch (``batching.pad_batch``, as in ``capture``), so the edit panel
+        costs two forward passes (before and after) whatever the number of prompts. Each prompt
+        is encoded as a target would follow it (``tokens``: white space at its end is dropped).
         """
-        encoded = [lm.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-        width = max(len(ids) for ids in encoded)
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for b, ids in enumerate(encoded):
-            input_ids[b, width - len(ids) :] = torch.tensor(ids)
-            mask[b, width - len(ids) :] = 1
-        kwargs: dict[str, Any] = {"attention_mask": mask.to(lm.device)}
-        if "position_ids" in inspect.signature(lm.model.forward).parameters:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0).to(lm.device)
+        encoded = [encode_text(lm.tokenizer, p.rstrip()) for p in prompts]
+        batch = pad_batch(encoded, pad_id(lm.tokenizer), device=lm.device)
         with frozen_for_capture(lm.model):
-            out = lm.model(input_ids=input_ids.to(lm.device), **kwargs)
+            out = lm.model(**model_inputs(lm.model, batch, logits_to_keep=1))
         logits = out.logits[:, -1].float()  # [B, V]: left padding puts every prompt's end here
         probs = logits.softmax(-1)
         top = logits.argmax(-1).tolist()
@@ -296,7 +291,7 @@ class ViewerApp:
             prompts += [("paraphrase", p) for p in paraphrases]
             prompts += [("neighborhood", p) for p in neighborhood]
             for kind, text in prompts[1:]:
-                self._check_tokens(len(lm.tokenizer(text)["input_ids"]), f"a {kind} prompt")
+                self._check_tokens(len(encode_text(lm.tokenizer, text)), f"a {kind} prompt")
             texts = [p for _, p in prompts]
             ff2 = lm.arch.resolve(layer, "ff2").module
             ff2_names = [n for n, p in lm.model.named_parameters() if p is ff2.weight]

@@ -94,9 +94,19 @@ class ModelPool:
     def names(self) -> list[str]:
         return list(self.slots)
 
-    def get(self, name: str | None) -> ModelSlot:
+    def get(self, name: object) -> ModelSlot:
+        """The slot a request names (``None`` or ``""``: the default).
+
+        Raises:
+            InputError: ``name`` is not a string, or not one of the configured models.
+        """
         if name is None or name == "":
             return self.slots[self.default]
+        if not isinstance(name, str):
+            raise InputError(
+                f"model must be a string naming one of: {', '.join(self.slots)} "
+                f"(got a {type(name).__name__})"
+            )
         if name not in self.slots:
             raise InputError(f"unknown model {name!r}; choose one of: {', '.join(self.slots)}")
         return self.slots[name]

@@ -6,15 +6,17 @@ JSON objects with known fields only: an unknown field (a ``path``, say) is refus
 
 from __future__ import annotations
 
-import contextlib
-import math
+import json
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from backward_lens import checks
 from backward_lens.errors import InputError
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+INTEGER_RE = re.compile(r"^\s*-?[0-9]{1,18}\s*$")
+_JSON_TOKEN_RE = re.compile(r'\\.|["\[\]{}]', re.S)
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,66 @@ class Limits:
     max_extra_prompts: int = 8
     """Paraphrase prompts and neighbourhood prompts, each."""
     max_body_bytes: int = 64 * 1024
+    max_json_depth: int = 8
+    """Nesting of arrays and objects in a body (the deepest valid body has 2: ``{"a": []}``)."""
     max_sessions: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in JSON text, outside strings (0 for a scalar).
+
+    A linear scan with no recursion, so it is safe on any input (invalid JSON included).
+    """
+    depth = deepest = 0
+    in_string = False
+    for match in _JSON_TOKEN_RE.finditer(text):
+        token = match.group()
+        if token == '"':
+            in_string = not in_string
+        elif in_string or token[0] == "\\":
+            continue
+        elif token in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> Any:
+    """Decode a request body: strict UTF-8, then JSON nested at most ``max_depth`` levels.
+
+    An empty body decodes to ``None`` (which :class:`Body` refuses with its own message).
+
+    Raises:
+        InputError: the body is not UTF-8, not JSON, or nested too deeply (checked before
+            parsing, so a deep body never reaches the recursive parser).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("the request body is not valid UTF-8 text") from None
+    if not text.strip():
+        return None
+    if json_depth(text) > max_depth:
+        raise InputError(
+            f"the request body is nested more than {max_depth} levels deep; send a flat JSON object"
+        )
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"the request body is not valid JSON ({exc})") from None
+
+
+def _check_encodable(key: str, value: str) -> None:
+    """Refuse strings that cannot be UTF-8 (lone surrogates from ``\\ud800`` escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{key} contains an invalid character (a lone surrogate)") from None
 
 
 class Body:
@@ -60,11 +118,12 @@ class Body:
             raise InputError(f"{key} must be a string")
         if len(value) > max_chars:
             raise InputError(f"{key} is {len(value)} characters long; the limit is {max_chars}")
+        _check_encodable(key, value)
         return value
 
     def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int:
         value = self.payload.get(key, default)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and INTEGER_RE.match(value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise InputError(f"{key} must be an integer from {lo} to {hi} (got {value!r})")
@@ -73,17 +132,12 @@ class Body:
     def number(self, key: str, lo: float, hi: float, default: float | None = None) -> float:
         """A float in (lo, hi]: the lower bound is exclusive."""
         value = self.payload.get(key, default)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or not lo < value <= hi
-        ):
-            raise InputError(f"{key} must be a number above {lo} and at most {hi} (got {value!r})")
-        return float(value)
+        try:  # the same check as the CLI and the editors (backward_lens.checks)
+            return checks.number(key, value, lo=lo, hi=hi)
+        except InputError:
+            raise InputError(
+                f"{key} must be a number above {lo} and at most {hi} (got {value!r})"
+            ) from None
 
     def flag(self, key: str, default: bool = False) -> bool:
         value = self.payload.get(key, default)
@@ -112,6 +166,7 @@ class Body:
                 raise InputError(
                     f"{key}: a prompt is {len(v)} characters; the limit is {max_chars}"
                 )
+            _check_encodable(key, v)
         return items
 
     def session(self) -> str:

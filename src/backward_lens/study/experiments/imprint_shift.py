@@ -11,7 +11,6 @@ two dominant segment terms (last subject token, last token) explain.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from backward_lens.adapters import ResolvedMatrix
+from backward_lens.batching import Hooks, eval_mode, model_inputs, pad_batch, pad_id
 from backward_lens.capture import Capture
 from backward_lens.lowrank import LowRankGradient
 from backward_lens.models import LensModel
@@ -44,10 +44,10 @@ def sgd_step(res: ResolvedMatrix, x: Tensor, delta: Tensor, lr: float) -> Iterat
         with torch.no_grad():
             if res.layout == "in_out":
                 cols = res.part if res.part is not None else slice(None)
-                weight[:, cols] += update.to(weight.dtype)
+                weight[:, cols] += update.to(weight.device, weight.dtype)
             else:
                 rows = res.part if res.part is not None else slice(None)
-                weight[rows, :] += update.T.to(weight.dtype)
+                weight[rows, :] += update.T.to(weight.device, weight.dtype)
         yield
     finally:
         with torch.no_grad():
@@ -59,25 +59,19 @@ def _run(
 ) -> dict[str, Tensor]:
     """One forward pass; returns each module's output [n, width] (its part) and the logits [V]."""
     outputs: dict[str, Tensor] = {}
-    handles = []
-    for key, res in modules.items():
+    batch = pad_batch([ids], pad_id(lm.tokenizer), device=lm.device)
+    kwargs = model_inputs(lm.model, batch, logits_to_keep=1)  # only the last logits are read
+    with Hooks() as hooks, eval_mode(lm.model), torch.no_grad():
+        for key, res in modules.items():
 
-        def hook(
-            module: Any, args: Any, output: Tensor, key: str = key, res: ResolvedMatrix = res
-        ) -> None:
-            out = output.detach().reshape(len(ids), -1)
-            outputs[key] = out[:, res.part] if res.part is not None else out
+            def hook(
+                module: Any, args: Any, output: Tensor, key: str = key, res: ResolvedMatrix = res
+            ) -> None:
+                out = output.detach().reshape(len(ids), -1)
+                outputs[key] = out[:, res.part] if res.part is not None else out
 
-        handles.append(res.module.register_forward_hook(hook))
-    kwargs: dict[str, Any] = {"input_ids": torch.tensor([list(ids)], device=lm.device)}
-    if "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
-        kwargs["logits_to_keep"] = 1  # only the last position's logits are read
-    try:
-        with torch.no_grad():
-            logits = lm.model(**kwargs).logits
-    finally:
-        for h in handles:
-            h.remove()
+            hooks.forward(res.module, hook)
+        logits = lm.model(**kwargs).logits
     outputs["logits"] = logits[0, -1].float()
     return outputs
 

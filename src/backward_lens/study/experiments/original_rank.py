@@ -46,7 +46,7 @@ class OriginalRankExperiment(Experiment):
         x_n = capture.stack("ff1", "x")[:, -1]
         return {
             "answer_id": answer,
-            "answer": lm.tokenizer.decode([answer]),
+            "answer": lm.decode([answer])[0],
             "true_id": true_id,
             "correct": None if true_id is None else bool(answer == true_id),
             "answer_in_delta": lm.lens.rank_of(delta_n, answer).tolist(),

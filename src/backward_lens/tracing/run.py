@@ -1,0 +1,417 @@
+"""Causal tracing over N records into a resumable run folder (the study's layout).
+
+Output folder:
+
+- ``config.json``   what was run (data, records, seed, model, samples, window, noise) and the
+  noise's absolute standard deviation, measured once (a resumed run reuses it);
+- ``raw.jsonl``     one line per record looked at, appended and flushed when done (the study's
+  ``raw.jsonl`` rules: a resumed run skips every key already there, a torn last line is dropped):
+  ``{"key", "case_id", "status": "ok", "seconds", "values": RecordTrace}`` or ``{"status":
+  "skipped", "reason", "error"}``; ``raw.jsonl.gz`` (a compressed copy, for committing) is read too;
+- ``summary.json`` / ``summary.md``   the averages by ROME's token segments, the peak layer of
+  each kind at the subject's last token, and the ROME / MEMIT layers they imply;
+- ``averages.csv``  average indirect effect per kind x segment x layer;
+- ``averages.png``  ROME's average-effect heatmaps (Fig. 2 style) and the last subject token's
+  curve; ``records/<key>.png`` three heatmaps per record (ROME's Fig. 1 style).
+
+Records are visited in a seeded random order of the whole file; with ``known_only`` (ROME's
+``correct_prediction`` filter) a record whose clean top-1 token is not the true object's first
+token is skipped (one clean forward pass) and the next one is taken, until ``n`` are traced.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backward_lens import checks
+from backward_lens.data import FactRecord, load_records
+from backward_lens.errors import DataError, InputError
+from backward_lens.io import atomic_write_bytes, atomic_write_text
+from backward_lens.models import DEFAULT_MODEL, LensModel, load_model
+from backward_lens.study.base import clean_json
+from backward_lens.study.runner import _append, _read_config, _read_raw, _reason
+from backward_lens.study.segments import SEGMENTS, segment_prompt
+from backward_lens.tracing.core import KINDS, TraceConfig, embedding_std, trace_prompt
+
+RAW = "raw.jsonl"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+MEMIT_WIDTH = 5
+"""MEMIT edits 5 consecutive layers ending at the peak, as its GPT-2 xl choice 13-17 with ROME's
+layer 17 (Meng et al. 2023, §5)."""
+
+
+@dataclass
+class TraceResult:
+    """A finished (or partly finished) tracing run.
+
+    Attributes:
+        out: the run folder.
+        summary: ``summary.json``'s content (peaks, chosen layers, averages).
+        n_traced / skipped: records traced / skip reasons with counts.
+    """
+
+    out: Path
+    summary: dict[str, Any]
+    n_traced: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_mlp_layer(self) -> int:
+        """The layer whose (windowed) MLP restoration at the subject's last token recovers the
+        most: ROME's edited layer."""
+        return int(self.summary["peak"]["mlp"])
+
+
+def chosen_layers(peak_mlp: int, width: int = MEMIT_WIDTH) -> dict[str, Any]:
+    """ROME's layer and MEMIT's layers implied by the peak MLP layer at the last subject token:
+    ROME edits the peak; MEMIT the ``width`` layers ending there (clipped at 0)."""
+    return {"rome": peak_mlp, "memit": list(range(max(0, peak_mlp - width + 1), peak_mlp + 1))}
+
+
+def _true_object(record: FactRecord) -> str | None:
+    return record.target_true if record.target_true is not None else record.target
+
+
+def _read_rows(out: Path) -> list[dict[str, Any]]:
+    """Rows of ``raw.jsonl.gz`` (if any) then ``raw.jsonl``; a key seen twice keeps the first."""
+    rows: list[dict[str, Any]] = []
+    gz = out / (RAW + ".gz")
+    if gz.is_file():
+        try:
+            with gzip.open(gz, "rt", encoding="utf-8") as fh:
+                rows += [json.loads(line) for line in fh if line.strip()]
+        except (OSError, ValueError):
+            raise DataError(f"{gz} is damaged; move it aside and re-run") from None
+    rows += _read_raw(out / RAW)
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row["key"] not in seen:
+            seen.add(row["key"])
+            unique.append(row)
+    return unique
+
+
+def run_trace(
+    data: str | Path | None = None,
+    *,
+    model: str | LensModel = DEFAULT_MODEL,
+    records: Sequence[FactRecord] | None = None,
+    n: int = 50,
+    seed: int = 0,
+    out: str | Path,
+    config: TraceConfig | None = None,
+    known_only: bool = True,
+    record_figures: bool = True,
+    fresh: bool = False,
+    progress: bool = True,
+) -> TraceResult:
+    """Trace ``n`` records of ``data`` (or ``records``) and write the run folder ``out``.
+
+    Args:
+        data: CounterFact, known_1000.json or JSONL (``load_records``).
+        model: a loaded model or a spec (loaded only if a record still needs tracing).
+        records: records to use instead of ``data``.
+        n: records to trace.
+        seed: seed of the order in which records are visited.
+        out: the run folder (resumed if it holds the same run).
+        config: tracing knobs (samples, window, noise factor, kinds).
+        known_only: skip records whose clean top-1 token is not the true object (ROME).
+        record_figures: draw ``records/<key>.png`` for every traced record.
+        fresh: discard earlier rows instead of resuming.
+        progress: show a progress bar.
+
+    Raises:
+        InputError: no data, bad knobs, a folder holding a different run.
+    """
+    config = config or TraceConfig()
+    config.check()
+    checks.integer("--records", n, lo=1)
+    out = Path(out)
+    checks.output_folder(out, "--out")
+    if records is None:
+        if data is None:
+            raise InputError("give the records with --data FILE (known_1000.json, CounterFact)")
+        records = load_records(data)
+    records = list(records)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    model_name = model if isinstance(model, str) else model.name
+    run = {
+        "data": str(Path(data).resolve()) if data is not None else "(records given in Python)",
+        "records": n,
+        "seed": seed,
+        "model": model_name,
+        "known_only": known_only,
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+    }
+    run.pop("batch_rows")
+    previous = None if fresh else _read_config(out / CONFIG)
+    rows = [] if fresh else _read_rows(out)
+    if previous is not None and rows:
+        before = {k: v for k, v in previous.get("run", {}).items() if k != "records"}
+        differ = [k for k in before if before[k] != run.get(k)]
+        if differ:
+            raise InputError(
+                f"{out} holds a different run (it differs in {', '.join(differ)}); choose another "
+                "--out, or pass --fresh to overwrite it"
+            )
+    keys = [str(records[i].case_id) for i in order]
+    if len(set(keys)) != len(keys):
+        keys = [f"{i}:{records[i].case_id}" for i in order]
+    done = {r["key"] for r in rows}
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    noise_std = (previous or {}).get("noise_std") if rows else None
+    if n_ok < n and any(k not in done for k in keys):
+        lm = model if isinstance(model, LensModel) else load_model(model)
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            (out / RAW).unlink(missing_ok=True)
+            (out / (RAW + ".gz")).unlink(missing_ok=True)
+        if noise_std is None:
+            noise_std = embedding_std(lm, [(r.prompt, r.subject) for r in records])
+        facts = {"model": lm.name, "n_layers": lm.n_layers, "vocab_size": lm.vocab_size}
+        atomic_write_text(
+            out / CONFIG,
+            json.dumps({"run": run, "noise_std": noise_std, "facts": facts}, indent=2),
+        )
+        _trace_pending(lm, records, order, keys, done, n - n_ok, out, config, noise_std,
+                       known_only, progress)  # fmt: skip
+        rows = _read_rows(out)
+    elif previous is None:
+        raise InputError(f"{out} has nothing to trace and no config.json; pass --fresh")
+    return finish(out, rows, keys, n, record_figures)
+
+
+def _trace_pending(
+    lm: LensModel,
+    records: Sequence[FactRecord],
+    order: Sequence[int],
+    keys: Sequence[str],
+    done: set[str],
+    wanted: int,
+    out: Path,
+    config: TraceConfig,
+    noise_std: float,
+    known_only: bool,
+    progress: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    raw = out / RAW
+    bar = tqdm(total=wanted, desc="causal tracing", unit="record", disable=not progress)
+    traced = 0
+    try:
+        for i, key in zip(order, keys, strict=True):
+            if traced >= wanted:
+                break
+            if key in done:
+                continue
+            record = records[i]
+            t0 = time.perf_counter()
+            try:
+                target = _true_object(record)
+                if target is None or not target.strip():
+                    raise InputError("the target is empty")
+                trace = trace_prompt(
+                    lm,
+                    record.prompt,
+                    record.subject,
+                    target,
+                    config.noise_factor * noise_std,
+                    config,
+                    require_correct=known_only,
+                )
+                if trace is None:
+                    raise _Unknown
+                seg = segment_prompt(
+                    lm.tokenizer, record.prompt.rstrip(), record.subject, trace.ids
+                )
+            except _Unknown:
+                _append(raw, _skip_row(key, record, "model does not predict the true object", ""))
+                continue
+            except Exception as exc:  # a bad record is skipped and counted, never fatal
+                _append(raw, _skip_row(key, record, _reason(exc), str(exc)))
+                continue
+            values = trace.to_dict()
+            values["prompt"] = record.prompt
+            values["subject_text"] = record.subject
+            values["segments"] = seg.positions
+            _append(
+                raw,
+                {
+                    "key": key,
+                    "case_id": record.case_id,
+                    "status": "ok",
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "values": values,
+                },
+            )
+            traced += 1
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+class _Unknown(Exception):
+    """The model does not predict the record's true object (ROME skips those)."""
+
+
+def _skip_row(key: str, record: FactRecord, reason: str, error: str) -> dict[str, Any]:
+    return {
+        "key": key,
+        "case_id": record.case_id,
+        "status": "skipped",
+        "reason": reason,
+        "error": error.splitlines()[0][:300] if error else reason,
+    }
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def segment_effects(values: dict[str, Any], kind: str) -> dict[str, list[float] | None]:
+    """Indirect effect (restored - corrupted probability) of one record, averaged over each
+    segment's positions, per layer; None for a segment with no position."""
+    scores = np.asarray(values["scores"][kind], dtype=float) - float(values["low"])
+    out: dict[str, list[float] | None] = {}
+    for segment in SEGMENTS:
+        positions = values["segments"].get(segment, [])
+        out[segment] = scores[positions].mean(0).tolist() if positions else None
+    return out
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Average indirect effects over records: kind -> segment -> [L] (None if no record has the
+    segment), with the record count per segment, and the peak layer of each kind at the
+    subject's last token."""
+    values = [r["values"] for r in rows]
+    kinds = [k for k in KINDS if all(k in v["scores"] for v in values)]
+    averages: dict[str, dict[str, list[float] | None]] = {}
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        per = [segment_effects(v, kind) for v in values]
+        averages[kind] = {}
+        for segment in SEGMENTS:
+            got = [p[segment] for p in per if p[segment] is not None]
+            counts[segment] = len(got)
+            averages[kind][segment] = np.mean(got, axis=0).tolist() if got else None
+    peak = {
+        kind: int(np.argmax(averages[kind]["last_subject"]))  # type: ignore[arg-type]
+        for kind in kinds
+    }
+    return {
+        "averages": averages,
+        "segment_counts": counts,
+        "peak": peak,
+        "mean_high": float(np.mean([v["high"] for v in values])),
+        "mean_low": float(np.mean([v["low"] for v in values])),
+    }
+
+
+def finish(
+    out: Path, rows: list[dict[str, Any]], keys: Sequence[str], n: int, record_figures: bool
+) -> TraceResult:
+    """Aggregate the traced rows (the first ``n`` in visiting order) and write the summary and
+    figures."""
+    from backward_lens.tracing.figures import averages_png, record_png
+
+    config = _read_config(out / CONFIG) or {}
+    by_key = {r["key"]: r for r in rows}
+    ordered = [by_key[k] for k in keys if k in by_key]
+    ok = [r for r in ordered if r["status"] == "ok"][:n]
+    skipped: dict[str, int] = {}
+    for r in ordered:
+        if r["status"] != "ok":
+            skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
+    if not ok:
+        raise InputError(f"no record could be traced ({skipped}); see {out / RAW} for the reasons")
+    agg = aggregate(ok)
+    seconds = [r["seconds"] for r in ok]
+    summary = {
+        **agg,
+        "chosen": chosen_layers(agg["peak"]["mlp"]) if "mlp" in agg["peak"] else None,
+        "n_traced": len(ok),
+        "n_asked": n,
+        "skipped": skipped,
+        "seconds_per_record": float(np.mean(seconds)),
+        "keys": [r["key"] for r in ok],
+        **config,
+    }
+    atomic_write_text(out / SUMMARY, json.dumps(clean_json(summary), indent=1))
+    atomic_write_text(out / "summary.md", _summary_md(summary))
+    atomic_write_text(out / "averages.csv", _averages_csv(agg))
+    model = str(config.get("facts", {}).get("model", "model"))
+    atomic_write_bytes(out / "averages.png", averages_png(agg, model, len(ok)))
+    if record_figures:
+        folder = out / "records"
+        folder.mkdir(exist_ok=True)
+        for r in ok:
+            name = "".join(c if c.isalnum() or c in "-_" else "_" for c in r["key"])
+            path = folder / f"{name}.png"
+            if not path.exists():
+                atomic_write_bytes(path, record_png(r["values"], model))
+    return TraceResult(out, summary, len(ok), skipped)
+
+
+def _averages_csv(agg: dict[str, Any]) -> str:
+    lines = ["kind,segment,layer,indirect_effect"]
+    for kind, segments in agg["averages"].items():
+        for segment, curve in segments.items():
+            for layer, value in enumerate(curve or []):
+                lines.append(f"{kind},{segment},{layer},{value:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def _summary_md(s: dict[str, Any]) -> str:
+    run = s.get("run", {})
+    peak = s["peak"]
+    lines = [
+        f"# Causal tracing: {s.get('facts', {}).get('model', '?')}",
+        "",
+        f"- data: `{run.get('data')}`, seed {run.get('seed')}, known facts only: "
+        f"{run.get('known_only')}",
+        f"- traced: {s['n_traced']} of {s['n_asked']} asked; skipped: {s['skipped'] or 'none'}",
+        f"- noise: {run.get('noise_factor')} x embedding std {s.get('noise_std', 0):.4g}, "
+        f"{run.get('samples')} noise sample(s) per restoration, window {run.get('window')}",
+        f"- mean probability of the true object: clean {s['mean_high']:.4f}, corrupted "
+        f"{s['mean_low']:.4f}",
+        f"- time per record: {s['seconds_per_record']:.1f} s",
+        "",
+        "Peak layer of the average indirect effect at the subject's last token:",
+        "",
+    ]
+    for kind, layer in peak.items():
+        curve = s["averages"][kind]["last_subject"]
+        lines.append(f"- {kind}: layer {layer} (effect {curve[layer]:.4f})")
+    if s.get("chosen"):
+        lines += [
+            "",
+            f"ROME's layer: {s['chosen']['rome']}; MEMIT's layers: {s['chosen']['memit']} "
+            "(5 layers ending at the peak, as MEMIT's GPT-2 xl 13-17 with ROME at 17).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def load_trace(out: str | Path) -> TraceResult:
+    """Read a finished run folder's summary back (no model needed).
+
+    Raises:
+        InputError: no readable ``summary.json`` there.
+    """
+    out = Path(out)
+    try:
+        summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{out} is not a finished tracing folder ({exc})") from None
+    return TraceResult(out, summary, int(summary["n_traced"]), dict(summary["skipped"]))
