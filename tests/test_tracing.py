@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -205,9 +206,17 @@ def test_run_folder_resumes_and_summarises(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     curve = summary["averages"]["mlp"]["last_subject"]
     assert summary["peak"]["mlp"] == max(range(len(curve)), key=curve.__getitem__)
-    assert summary["chosen"] == chosen_layers(summary["peak"]["mlp"])
+    assert summary["chosen"] == chosen_layers(curve)
     assert (out / "averages.png").stat().st_size > 1000
     assert len(list((out / "records").glob("*.png"))) == 3
+    # a compressed raw file (as committed under docs/results) is read back without loading the
+    # model (the name "tiny-llama" could not be loaded)
+    raw = out / "raw.jsonl"
+    (out / "raw.jsonl.gz").write_bytes(gzip.compress(raw.read_bytes()))
+    raw.unlink()
+    again = run_trace(data, model=lm.name, n=3, out=out, config=cfg, known_only=False,
+                      progress=False)  # fmt: skip
+    assert again.summary["averages"] == second.summary["averages"]
     with pytest.raises(InputError, match="different run"):
         run_trace(data, model=lm, n=3, out=out, config=TraceConfig(samples=2, window=2),
                   known_only=False, progress=False)  # fmt: skip
@@ -220,8 +229,10 @@ def test_cli_refuses_missing_data_in_one_line(tmp_path: Path, capsys: Any) -> No
 
 
 def test_chosen_layers_by_hand() -> None:
-    assert chosen_layers(17) == {"rome": 17, "memit": [13, 14, 15, 16, 17]}
-    assert chosen_layers(2) == {"rome": 2, "memit": [0, 1, 2]}
+    curve = [0.0, 0.1, 0.2, 0.3, 0.5, 0.9, 0.4, 0.4, 0.4, 0.0]
+    # peak 5; windows of 5: [1-5] 2.0, [2-6] 2.3, [3-7] 2.5, [4-8] 2.6, [5-9] 2.1
+    assert chosen_layers(curve) == {"rome": 5, "memit": [4, 5, 6, 7, 8]}
+    assert chosen_layers([0.3, 0.1, 0.3], width=5) == {"rome": 0, "memit": [0, 1, 2]}
 
 
 @pytest.mark.parametrize(
@@ -229,7 +240,9 @@ def test_chosen_layers_by_hand() -> None:
 )
 def test_defaults_are_what_the_committed_traces_imply(model: str, folder: str) -> None:
     summary = json.loads((RESULTS / folder / "summary.json").read_text())
-    chosen = chosen_layers(summary["peak"]["mlp"])
+    curve = summary["averages"]["mlp"]["last_subject"]
+    chosen = chosen_layers(curve)
+    assert chosen["rome"] == summary["peak"]["mlp"]
     assert summary["chosen"] == chosen
     assert MODEL_DEFAULTS[model]["rome"] == {"layer": chosen["rome"]}
     assert MODEL_DEFAULTS[model]["memit"]["layers"] == chosen["memit"]
@@ -238,6 +251,7 @@ def test_defaults_are_what_the_committed_traces_imply(model: str, folder: str) -
 @pytest.mark.slow
 def test_smollm2_known_fact_is_traced(smollm2: Any) -> None:
     prompt, subject, target = "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris"
+    # (no BOS in SmolLM2: token 0 is "The", before the subject)
     noise = 3.0 * embedding_std(smollm2, [(prompt, subject)])
     ids, s, e, target_id = prepare(smollm2, prompt, subject, target)
     t = Tracer(smollm2, ids, (s, e), target_id, noise, samples=3)
@@ -245,8 +259,10 @@ def test_smollm2_known_fact_is_traced(smollm2: Any) -> None:
     assert t.low < 0.5 * t.clean_prob
     every = tuple(range(t.n))
     assert t.run([Restoration("hidden", every, (10,))]) == pytest.approx([t.clean_prob], rel=1e-4)
-    # restoring the subject's last token early recovers more than restoring a prefix token
-    last_subject, first = t.run(
-        [Restoration("hidden", (e - 1,), (2,)), Restoration("hidden", (0,), (2,))]
+    # restoring the subject's own states after block 0 recovers most of the fact (the tokens
+    # after it still read the corrupted embeddings in block 0); a token before it changes nothing
+    subject, before = t.run(
+        [Restoration("hidden", tuple(range(s, e)), (0,)), Restoration("hidden", (0,), (5,))]
     )
-    assert last_subject > first
+    assert subject > t.low + 0.5 * (t.clean_prob - t.low)
+    assert s > 0 and before == pytest.approx(t.low, rel=1e-5)

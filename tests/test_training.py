@@ -8,6 +8,7 @@ and failure; the rows of a run folder and its report.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import sys
@@ -22,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from backward_lens.errors import InputError, OutputPathError
 from backward_lens.lowrank import LowRankGradient
 from backward_lens.models import LensModel
-from backward_lens.training import BackwardLensCallback, TrainingLens
+from backward_lens.training import BackwardLensCallback, TrainingLens, UpdateReading
 from backward_lens.training.anyloss import capture_loss, causal_lm_loss
 from backward_lens.training.data import Collator, TokenDataset
 from backward_lens.training.recorder import MatrixFactors
@@ -355,9 +356,12 @@ def test_callback_writes_the_expected_rows_and_report(tok: Any, tmp_path: Path) 
         assert d0["sigma"] >= d1["sigma"] > 0 and 0 < d0["share"] <= 1
         assert len(d0["words"]) == len(d0["word_ids"]) == len(d0["probs"]) == 4
         assert len(d0["positions"]) == 3 and len(d0["sources"]) <= 3
-        assert r["model_loss"] > 0
+        assert len(r["model_losses"]) == 1 and r["model_losses"][0] > 0
     log = [r for r in read_jsonl(out / "log.jsonl") if "loss" in r]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [UpdateReading.from_dict(r).to_dict() for r in rows[:2]] == [
+        {k: v for k, v in r.items() if k != "model_losses"} for r in rows[:2]
+    ]
     settings = json.loads((out / "run.json").read_text())
     assert settings["every"] == 2 and settings["matrices"] == ["ff1", "ff2"]
     page = render_run_html(out)
@@ -367,6 +371,10 @@ def test_callback_writes_the_expected_rows_and_report(tok: Any, tmp_path: Path) 
     # Nothing is overwritten: the same folder is refused for a new run.
     with pytest.raises(OutputPathError, match="not empty"):
         check_run_folder(out)
+    before = (out / "run.json").read_bytes()
+    with pytest.raises(OutputPathError, match="not empty"):
+        BackwardLensCallback(lm.model, tok, out)
+    assert (out / "run.json").read_bytes() == before
 
 
 def test_a_cut_last_line_is_skipped(tmp_path: Path) -> None:
@@ -376,6 +384,10 @@ def test_a_cut_last_line_is_skipped(tmp_path: Path) -> None:
     f.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(json.JSONDecodeError):
         list(read_jsonl(f))
+    # An archived run keeps lens.jsonl.gz: read the same.
+    f.unlink()
+    f.with_name("lens.jsonl.gz").write_bytes(gzip.compress(b'{"step": 3}\n'))
+    assert [r["step"] for r in read_jsonl(f)] == [3]
 
 
 def test_tensorboard_logger_and_missing_package(

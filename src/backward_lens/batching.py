@@ -140,6 +140,16 @@ def model_inputs(
     return kwargs
 
 
+def cache_inputs(model: nn.Module, output: Any) -> dict[str, Any]:
+    """Keyword argument that hands ``output``'s KV cache to the next forward pass of ``model``:
+    ``cache`` where the model takes it (transformers 5.2x renamed it), else
+    ``past_key_values``."""
+    value = getattr(output, "cache", None)
+    if value is None:
+        value = getattr(output, "past_key_values", None)
+    return {"cache" if accepts(model, "cache") else "past_key_values": value}
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where the model's input ids must go: the input embedding's device (the first device of a
     ``device_map`` model), not the first parameter's."""

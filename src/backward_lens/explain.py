@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from backward_lens.capture import Capture, capture
+from backward_lens.errors import InputError
 from backward_lens.io import atomic_write_text
 from backward_lens.models import LensModel
 from backward_lens.tokens import MultiTokenPolicy
@@ -138,6 +139,7 @@ def explain(
     layers: Sequence[int] | None = None,
     multi_token: MultiTokenPolicy = "error",
     add_space: bool = True,
+    matrices: Sequence[str] | None = None,
 ) -> Explanation:
     """Capture the gradients of ``prompt`` -> ``target`` and read them through the lens.
 
@@ -150,8 +152,27 @@ def explain(
         layers: which layers to read (default all).
         multi_token: what to do with a multi-token target (see ``encode_request``).
         add_space: prepend a space to a target without one.
+        matrices: which matrices to capture (default all; the reading needs ``ff1`` and
+            ``ff2``, so ``["ff1", "ff2"]`` leaves out the gate's rank and its memory). With
+            ``layers`` it bounds what a big model's capture holds.
+
+    Raises:
+        InputError: ``matrices`` lacks ``ff1`` or ``ff2``.
     """
-    cap = capture(lm, prompt, target, layers=layers, multi_token=multi_token, add_space=add_space)
+    if matrices is not None and not {"ff1", "ff2"} <= set(matrices):
+        raise InputError(
+            f"explain reads ff1 and ff2; --matrices {','.join(matrices)} leaves one out "
+            "(give ff1,ff2, or ff1,gate,ff2)"
+        )
+    cap = capture(
+        lm,
+        prompt,
+        target,
+        layers=layers,
+        matrices=matrices,
+        multi_token=multi_token,
+        add_space=add_space,
+    )
     assert isinstance(cap, Capture)
     return explain_capture(lm, cap, top_k=top_k, normalized=normalized)
 

@@ -1,12 +1,17 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash never leaves one."""
+"""Atomic file writes (a reader never sees a half-written file, a crash never leaves one) and
+the one reader of append-only JSON-lines run files (:func:`read_jsonl`)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from backward_lens.errors import DataError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -80,3 +85,56 @@ def atomic_write_many(files: dict[Path, bytes]) -> list[Path]:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
     return list(files)
+
+
+def read_jsonl(
+    path: str | Path,
+    *,
+    valid: Callable[[Any], bool] | None = None,
+    repair: bool = False,
+    hint: str = "move the file aside or repair that line",
+) -> list[dict[str, Any]]:
+    """The rows of an append-only JSON-lines file (a run's results), oldest first.
+
+    Every finished line is kept: a line that is not a JSON object (or fails ``valid``) is
+    tolerated only as the last line, a write torn by a crash, and is left out; anywhere else it is
+    an error. With ``repair=True`` that torn tail is also cut off the file (only the bytes after
+    the last complete line), so the next append starts on a fresh line; only the process that
+    owns the file may repair it (a reader of another process's file must not).
+
+    Args:
+        path: the file; a missing file reads as no rows.
+        valid: extra check of a decoded row (e.g. it has a ``key``).
+        repair: truncate a torn tail in place.
+        hint: what the user should do, appended to the error message.
+
+    Raises:
+        DataError: a damaged line before the last one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (torn or empty)
+    keep = len(data) - len(tail)
+    rows: list[dict[str, Any]] = []
+    for number, raw in enumerate(complete, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            ok = isinstance(row, dict) and (valid is None or valid(row))
+        except (UnicodeDecodeError, ValueError):
+            ok = False
+        if not ok:
+            if number == len(complete) and not tail.strip():
+                keep -= len(raw) + 1  # a torn last line that happens to end in a newline
+                break
+            raise DataError(f"{path} line {number} is damaged (not a result line); {hint}")
+        rows.append(row)
+    if repair and keep != len(data):
+        with path.open("r+b") as fh:  # cut the torn tail only; every complete line stays
+            fh.truncate(keep)
+            os.fsync(fh.fileno())
+    return rows

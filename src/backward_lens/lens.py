@@ -6,7 +6,8 @@ probable ones, because gradient descent subtracts delta_i (Lemma 5.1).
 
 Ranks are counted on logits (the number of tokens with a strictly larger logit), which is the
 paper's "strictly larger probability" without float32 softmax underflow creating false ties.
-Projection is batched and chunked: the whole (layer x position x matrix) grid is one call.
+Projection is batched and chunked: the whole (layer x position x matrix) grid is one call, its
+logits computed a memory budget at a time (:data:`LOGIT_CHUNK_BYTES`).
 
 Precision: logits are always computed in float32. For a bfloat16 or float16 model the final norm
 and the unembedding run on float32 copies of their weights, built once, on first use, and rebuilt
@@ -27,6 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backward_lens.errors import PlacementError
+
+LOGIT_CHUNK_BYTES = 32 << 20
+"""Memory budget of one projection chunk's float32 logits (32 MiB: 170 rows of a 49k
+vocabulary, 256 of a 32k one); ``VocabularyLens.project(max_chunk_bytes=...)`` overrides it."""
 
 if TYPE_CHECKING:
     from backward_lens.models import LensModel
@@ -179,6 +184,7 @@ class VocabularyLens(nn.Module):
         target: int | Tensor | None = None,
         normalized: bool = False,
         chunk_size: int | None = None,
+        max_chunk_bytes: int | None = None,
     ) -> Projection:
         """Top-k, bottom-k and target rank of every row of ``vectors`` [N, d].
 
@@ -187,8 +193,11 @@ class VocabularyLens(nn.Module):
             k: how many top and bottom tokens to keep.
             target: a token id for all rows, or one id per row ([N]); None to skip ranks.
             normalized: L2-normalise each vector first (the paper's normalised logit lens, App. H).
-            chunk_size: rows per matmul (default: about 8M logits, so each chunk stays in cache
-                and memory is bounded for large vocabularies).
+            chunk_size: rows per matmul; default: as many as fit ``max_chunk_bytes``.
+            max_chunk_bytes: memory budget of one chunk's float32 logits, on the head's device
+                (GPU or CPU alike; default :data:`LOGIT_CHUNK_BYTES`, 32 MiB). The peak of a
+                call is about twice this (the logits and their comparison with the target)
+                plus the outputs, whatever N is; at least one row is projected per chunk.
         """
         vectors = vectors.reshape(-1, vectors.shape[-1])
         n = vectors.shape[0]
@@ -198,7 +207,8 @@ class VocabularyLens(nn.Module):
             targets = torch.as_tensor(target, device=self.unembed.device).reshape(-1)
             targets = targets.expand(n) if targets.numel() == 1 else targets
         if chunk_size is None:
-            chunk_size = max(16, (1 << 23) // self.vocab_size)
+            budget = LOGIT_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
+            chunk_size = max(1, budget // (4 * self.vocab_size))
         parts: list[tuple[Tensor, ...]] = []
         for start in range(0, n, chunk_size):
             logits = self.logits(vectors[start : start + chunk_size], normalized)

@@ -471,11 +471,31 @@ def _cached_conversion(gguf: Path, dtype: torch.dtype) -> Path:
     return entry
 
 
-def _convert_gguf(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
+CACHE_MAX_SHARD_SIZE: int | str = "2GB"
+"""The largest weights file the conversion cache writes (bytes, or ``"2GB"`` as transformers
+reads it). A model above it is stored as ``model-0000K-of-0000N.safetensors`` plus
+``model.safetensors.index.json``, as the hub stores big models, so a 7B model is not one 13 GB
+file; a smaller one stays a single ``model.safetensors``. Every file is in the manifest (size and
+CRC-32), so a damaged or missing shard makes the entry invalid and it is converted again."""
+
+
+def _convert_gguf(
+    gguf: Path,
+    entry: Path,
+    dtype: torch.dtype,
+    max_shard_size: int | str | None = None,
+) -> None:
     """Dequantise ``gguf`` and write it as a plain HF folder, atomically (temp dir + rename).
 
     The temporary folder (``<entry>.tmp-XXXX``) records its owner first, so a later conversion
     can tell an abandoned one (:func:`remove_stale_temporaries`) from one still running.
+
+    Args:
+        gguf: the GGUF file.
+        entry: the cache folder to create (replaced only once the new one is complete).
+        dtype: the weights' dtype.
+        max_shard_size: largest weights file (default :data:`CACHE_MAX_SHARD_SIZE`); weights
+            are written with transformers' ``save_pretrained`` (tied weights stored once).
 
     Raises:
         ModelNotFoundError: transformers cannot read the file as a GGUF model.
@@ -483,7 +503,6 @@ def _convert_gguf(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
     import socket
     import time
 
-    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -503,8 +522,9 @@ def _convert_gguf(gguf: Path, entry: Path, dtype: torch.dtype) -> None:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = str(dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))
+        shard = CACHE_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
+        model.save_pretrained(str(tmp), max_shard_size=shard)  # weights (+ generation config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))  # ours, no quantization
         tokenizer.save_pretrained(str(tmp))
         (tmp / _OWNER).unlink()
         files = {

@@ -11,12 +11,13 @@ gradient's energy.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from backward_lens.training.runlog import read_jsonl
 
-def rows_of(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "lens.jsonl").read_text().splitlines() if line]
+
+def rows_of(folder: Path, name: str) -> list[dict]:
+    return list(read_jsonl(folder / name))
 
 
 def main() -> None:
@@ -27,8 +28,8 @@ def main() -> None:
     p.add_argument("--matrices", default="ff2,ff1")
     a = p.parse_args()
     lo, hi = (int(v) for v in a.layers.split("-"))
-    rows = rows_of(a.run)
-    logs = [json.loads(x) for x in (a.run / "log.jsonl").read_text().splitlines() if x]
+    rows = rows_of(a.run, "lens.jsonl")
+    logs = rows_of(a.run, "log.jsonl")
     loss = {r["step"]: r["loss"] for r in logs if "loss" in r}
     steps = sorted({r["step"] for r in rows})
     cell = {(r["matrix"], r["layer"], r["step"]): r for r in rows}

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from backward_lens import checks
 from backward_lens.commands.common import (
     add_model_arguments,
+    add_ray_arguments,
+    add_shard_argument,
     check_model_args,
     model_from_args,
     positive_int,
+    ray_from_args,
+    shard_from_args,
 )
 from backward_lens.data import load_records
 from backward_lens.errors import InputError
@@ -33,12 +38,24 @@ for fractions and entropies), with the unedited model as the first row.
 A METHOD is an editor name (unedited, shift, shift-adaptive, ft, ft-early, ft-late, rome, memit,
 as registered) optionally with hyper-parameters: NAME:key=value,key=value (values read as JSON).
 
+Or compute on Ray workers with --workers N (a local cluster; --ray-address ADDR or RAY_ADDRESS:
+an existing one): each worker loads the model once and pulls groups of records as it frees up,
+this process writes the results (so --resume works the same), --gpus-per-worker places workers
+on GPUs. Needs the extra: pip install 'backward-lens[ray]'.
+
+Split a long run over processes with --shard K/N (K from 0; also read from RANK/WORLD_SIZE or a
+Slurm array): part K takes records i with i mod N == K and writes OUT/results.shard-K-of-N.jsonl;
+the summary merges every part, so any launcher can run the parts side by side.
+
 Examples:
   backward-lens evaluate --method shift --method shift-adaptive \\
       --data counterfact-edit.json --records 1000 --out runs/cf1000
   backward-lens evaluate --method rome --method "ft:layer=0" --data counterfact-edit.json \\
       --records 200 --out runs/cf1000 --resume
   backward-lens evaluate --summary-only --out runs/cf1000
+  for k in 0 1 2 3; do backward-lens evaluate --method rome --data counterfact-edit.json \\
+      --out runs/cf-all --shard $k/4 --quiet & done; wait
+  backward-lens evaluate --summary-only --out runs/cf-all
 """
 
 
@@ -97,8 +114,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--summary-only",
         action="store_true",
-        help="only rebuild summary.md/summary.csv from --out/results.jsonl",
+        help="only rebuild summary.md/summary.csv from --out/results.jsonl (and its shards)",
     )
+    add_shard_argument(p)
+    add_ray_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
 
 
@@ -129,21 +148,26 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         check_methods(methods)
+        shard = shard_from_args(args)
         checks.output_folder(out, "--out")
         check_model_args(args)
+        ray = ray_from_args(args)
         records = load_records(args.data, limit=args.records)
-        lm = model_from_args(args)
-        result = evaluate(
-            lm,
-            records,
-            methods,
-            out,
-            settings=settings,
-            data=str(Path(args.data).resolve()),
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
+        common: dict[str, Any] = {
+            "settings": settings,
+            "data": str(Path(args.data).resolve()),
+            "resume": args.resume,
+            "overwrite": args.overwrite,
+            "progress": not args.quiet,
+            "shard": shard,
+        }
+        if ray is not None:
+            from backward_lens.distributed.ray_backend import evaluate_ray
+
+            model_spec, cluster = ray
+            result = evaluate_ray(model_spec, records, methods, out, cluster=cluster, **common)
+        else:
+            result = evaluate(model_from_args(args), records, methods, out, **common)
         if not args.quiet:
             print(
                 f"{result.written} new lines ({result.skipped} skipped, {result.errors} "

@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="normalised logit lens: L2-normalise each vector before projecting (paper App. H)",
     )
     p.add_argument("--layers", default=None, help="layers to read, e.g. 0,5,20-29 (default all)")
+    p.add_argument(
+        "--matrices",
+        default=None,
+        help="matrices to capture, e.g. ff1,ff2 (leaves out the gate's rank and memory; default "
+        "all)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--first-token",
@@ -93,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         layers=layers,
         multi_token=policy,
         add_space=not args.no_space,
+        matrices=None if args.matrices is None else [m.strip() for m in args.matrices.split(",")],
     )
     # Render everything, then write all files in one step: a failure leaves none of them.
     files: dict[Path, bytes] = {}

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 
 from backward_lens import checks
-from backward_lens.commands.common import add_model_arguments, check_model_args, positive_int
+from backward_lens.commands.common import (
+    add_model_arguments,
+    add_ray_arguments,
+    add_shard_argument,
+    check_model_args,
+    positive_int,
+    ray_from_args,
+    shard_from_args,
+)
 from backward_lens.errors import InputError
 
 NAME = "study"
@@ -33,6 +41,15 @@ experiments:
 
 Segments follow ROME: first subject token, middle subject tokens, last subject token, first
 subsequent token, further tokens, last token (+ tokens before the subject, + BOS).
+
+Split a run over processes with --shard K/N (K from 0; also read from RANK/WORLD_SIZE or a Slurm
+array): part K computes the sampled records i with i mod N == K into OUT/raw.shard-K-of-N.jsonl,
+and the aggregate, figure and summary are built from every part found (run any part again, once
+all have finished, to rebuild them from the complete set).
+
+Or compute on Ray workers with --workers N (a local cluster; --ray-address ADDR or RAY_ADDRESS:
+an existing one): each worker loads the model once and pulls batches of records; this process
+writes raw.jsonl, so resuming works the same. Needs: pip install 'backward-lens[ray]'.
 
 On a machine shared with other jobs, run with OMP_NUM_THREADS=1: torch threads competing for busy
 cores can make a run many times slower.
@@ -95,6 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="discard earlier raw values in --out instead of resuming",
     )
+    add_shard_argument(p, "sampled records")
+    add_ray_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
 
 
@@ -127,11 +146,18 @@ def run(args: argparse.Namespace) -> int:
 
     options = StudyOptions(layer=args.layer, lr=args.lr, top=args.top, max_neurons=args.max_neurons)
     check_options(options)
+    shard = shard_from_args(args)
     if args.out:
         checks.output_folder(args.out, "--out")
     check_model_args(args)
+    ray = ray_from_args(args)
+    executor = None
     model: object = args.model
-    if args.dtype != "float32" or args.device or args.device_map:
+    if ray is not None:  # the workers load the model; this process only writes
+        from backward_lens.distributed.ray_backend import RayStudy
+
+        executor = RayStudy(*ray)
+    elif args.dtype != "float32" or args.device or args.device_map:
         from backward_lens.commands.common import model_from_args
 
         model = model_from_args(args)
@@ -146,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         fresh=args.fresh,
         progress=not args.quiet,
+        shard=shard,
+        executor=executor,
     )
     if not args.quiet:
         print(result.summary)

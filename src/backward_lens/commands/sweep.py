@@ -10,10 +10,12 @@ import pandas as pd
 from backward_lens import checks
 from backward_lens.commands.common import (
     add_model_arguments,
+    add_shard_argument,
     check_model_args,
     model_from_args,
     parse_layers,
     positive_int,
+    shard_from_args,
 )
 from backward_lens.data import load_records
 from backward_lens.errors import InputError
@@ -32,6 +34,11 @@ OUT/sweep.csv, OUT/sweep.md and OUT/sweep.png (heatmaps and the trade-off curve)
 The default grid: 7 layers between a third of the depth and the last layer, and etas from 1/4 to
 3x the model's current default eta (editing/defaults.py).
 
+Split the grid over processes with --shard K/N (K from 0; also read from RANK/WORLD_SIZE or a
+Slurm array): part K computes the grid points p with p mod N == K (the unedited point first, then
+layer by layer) and writes OUT/sweep.shard-K-of-N.json; the part that completes the set writes
+the table, or run `backward-lens sweep --summary-only --out DIR` once all parts are done.
+
 Example:
   backward-lens sweep --model smollm2-135m --data counterfact-val.json --records 64 \\
       --layers 9-27:3 --etas 0.3,0.6,0.9,1.2,1.8 --out runs/sweep-smollm2
@@ -42,7 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument(
         "--data",
-        required=True,
         metavar="FILE",
         help="held-out CounterFact file (e.g. counterfact-val.json)",
     )
@@ -67,6 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=64, help="sequences per pass (64)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_shard_argument(p, "grid points")
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="only merge the shards' parts in --out into sweep.csv/.md/.png (no model)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the chosen values")
 
 
@@ -103,42 +115,96 @@ def _etas(text: str | None, default_eta: float) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     from backward_lens.editing.defaults import editor_defaults
-    from backward_lens.evaluation.sweep import choose, plot_sweep, shift_sweep
-    from backward_lens.io import atomic_write_text
+    from backward_lens.evaluation.sweep import merge_parts, shift_sweep, write_part
 
     checks.number("--min-efficacy", args.min_efficacy, lo=0.0, hi=1.0, lo_open=False)
+    if args.summary_only:
+        out = checks.output_folder(args.out, "--out")
+        df, settings, present, count = merge_parts(out)
+        if df is None:
+            missing = sorted(set(range(count)) - set(present))
+            raise InputError(
+                f"{out} holds {len(present)} of {count} sweep parts; run the missing shard(s) "
+                f"{', '.join(f'{k}/{count}' for k in missing)} first"
+            )
+        _write_table(args, out, df, settings)
+        return 0
+    if not args.data:
+        raise InputError("give the held-out CounterFact file with --data FILE")
     if args.etas is not None:
         _etas(args.etas, 1.0)  # refuse bad numbers before loading anything
     if args.layers is not None:
         parse_layers(args.layers.partition(":")[0])
+    shard = shard_from_args(args)
     out = checks.output_folder(args.out, "--out")
     check_model_args(args)
     records = load_records(args.data, limit=args.records)
     lm = model_from_args(args)
     layers = _layers(args.layers, lm.n_layers)
     etas = _etas(args.etas, float(editor_defaults(lm, "shift")["eta"]))
-    df = shift_sweep(lm, records, layers, etas, batch_size=args.batch_size, progress=not args.quiet)
+    settings = {
+        "model": lm.name,
+        "data": str(Path(args.data).resolve()),
+        "records": args.records,
+        "layers": layers,
+        "etas": etas,
+    }
+    if shard.sharded:
+        from backward_lens.evaluation.sweep import check_parts
+
+        check_parts(out, shard, settings)  # before the work, not only when writing
+    df = shift_sweep(
+        lm,
+        records,
+        layers,
+        etas,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        shard=shard,
+    )
+    if shard.sharded:
+        part = write_part(out, shard, settings, df)
+        merged, _, present, count = merge_parts(out)
+        if merged is None:
+            print(
+                f"wrote {part} ({len(df)} grid points); {len(present)} of {count} parts are "
+                f"in {out}: the table is written once all are (or run "
+                f"'backward-lens sweep --summary-only --out {out}')"
+            )
+            return 0
+        df = merged
+    _write_table(args, out, df, settings)
+    return 0
+
+
+def _write_table(
+    args: argparse.Namespace, out: Path, df: pd.DataFrame, settings: dict[str, object]
+) -> None:
+    """Choose the point and write sweep.csv, sweep.md and sweep.png (atomically)."""
+    from backward_lens.evaluation.sweep import choose, plot_sweep
+    from backward_lens.io import atomic_write_text
+
     best = choose(df, args.min_efficacy)
     atomic_write_text(out / "sweep.csv", df.to_csv(index=False))
     table = _markdown(df, best)
     atomic_write_text(out / "sweep.md", table)
+    model = str(settings["model"])
     plot_sweep(
         df,
         best,
         out / "sweep.png",
-        f"forward pass shift sweep: {lm.name}, "
-        f"{int(df.records.iloc[0])} records of {Path(args.data).name}",
+        f"forward pass shift sweep: {model}, "
+        f"{int(df.records.iloc[0])} records of {Path(str(settings['data'])).name}",
     )
     if not args.quiet:
         print(table)
         print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
     print(
-        f"chosen for {lm.name}: layer={int(best.layer)} eta={best.eta:g} "
+        f"chosen for {model}: layer={int(best.layer)} eta={best.eta:g} "
         f"(efficacy {best.efficacy_acc:.1%}, paraphrase {best.paraphrase_acc:.1%}, "
         f"neighbourhood score {best.neighborhood_score:.1%}, "
         f"neighbourhood acc {best.neighborhood_acc:.1%})"
     )
-    return 0
 
 
 def _markdown(df: pd.DataFrame, best: pd.Series) -> str:

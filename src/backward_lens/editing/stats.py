@@ -136,7 +136,7 @@ def sample_texts(lm: LensModel, config: SampleConfig) -> list[list[int]]:
     return texts
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once the deepest needed layer has run."""
 
 
@@ -174,7 +174,7 @@ def second_moments(
             x = by_position(args[0], (b, t))[current["keep"]]  # [N, d_ff]
             sums[layer] += (x.T.double() @ x.double()) if x.numel() else 0.0
             if layer == deepest:
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -192,7 +192,7 @@ def second_moments(
             current["shape"] = torch.tensor(ids.shape)
             current["keep"] = keep
             count += int(keep.sum())
-            with contextlib.suppress(_Stop):
+            with contextlib.suppress(StopForward):
                 lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
     for layer in missing:
         mom2 = sums[layer] / max(count, 1)

@@ -12,6 +12,10 @@ recomputed or written twice, a finished line is never deleted, and only a torn l
 mid-write) is repaired. A record's key (:func:`record_keys`) is its id when the id is present and
 unique in the records, else its position plus a hash of its content. Sampling for fluency is
 seeded per record and row, so results do not depend on grouping or on where a run was resumed.
+
+A run can be split into shards (``shard=Shard(K, N)``, ``--shard K/N``): shard K takes the
+records at positions ``i mod N == K`` and appends to ``results.shard-K-of-N.jsonl`` in the same
+folder; ``run.json`` records N, and :func:`read_run` (hence the summary) merges every shard's file.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 
 from backward_lens import checks
 from backward_lens.data import FactRecord
+from backward_lens.distributed.shards import Shard, layout_problem, shard_files
 from backward_lens.editing.base import Edit, Editor, RewriteRequest, get_editor
 from backward_lens.errors import BackwardLensError, DataError, InputError
 from backward_lens.evaluation.metrics import (
@@ -43,7 +48,7 @@ from backward_lens.evaluation.metrics import (
 from backward_lens.evaluation.rowedits import RowEdits, hookable
 from backward_lens.evaluation.scoring import TargetScore, encode_pair, score_targets
 from backward_lens.evaluation.texts import PERPLEXITY_TEXTS
-from backward_lens.io import atomic_write_text
+from backward_lens.io import atomic_write_text, read_jsonl
 from backward_lens.models import LensModel
 
 log = logging.getLogger(__name__)
@@ -201,23 +206,32 @@ def check_methods(methods: Sequence[MethodSpec | str]) -> list[MethodSpec]:
     return specs
 
 
+def _prepare_one(
+    index: int, record: FactRecord, lm: LensModel
+) -> _Prepared | tuple[int, FactRecord, str]:
+    """Validate and encode one record; a bad one becomes ``(index, record, reason)``."""
+    try:
+        prompts = RecordPrompts.from_record(record)
+        for prompt, target in prompts.pairs():
+            encode_pair(lm, prompt, target)
+        request = RewriteRequest(
+            record.prompt, record.subject, prompts.target_new, prompts.target_true
+        )
+        return _Prepared(index, record, prompts, request)
+    except BackwardLensError as exc:
+        return (index, record, str(exc))
+
+
 def prepare(
-    records: Sequence[FactRecord], lm: LensModel
+    records: Sequence[FactRecord], lm: LensModel, shard: Shard | None = None
 ) -> list[_Prepared | tuple[int, FactRecord, str]]:
-    """Validate and encode each record; a bad one becomes ``(index, record, reason)``."""
-    out: list[_Prepared | tuple[int, FactRecord, str]] = []
-    for i, record in enumerate(records):
-        try:
-            prompts = RecordPrompts.from_record(record)
-            for prompt, target in prompts.pairs():
-                encode_pair(lm, prompt, target)
-            request = RewriteRequest(
-                record.prompt, record.subject, prompts.target_new, prompts.target_true
-            )
-            out.append(_Prepared(i, record, prompts, request))
-        except BackwardLensError as exc:
-            out.append((i, record, str(exc)))
-    return out
+    """Validate and encode each record (of ``shard`` only, when given); a bad one becomes
+    ``(index, record, reason)``. ``index`` is the record's position in ``records``."""
+    return [
+        _prepare_one(i, record, lm)
+        for i, record in enumerate(records)
+        if shard is None or shard.owns(i)
+    ]
 
 
 MISSING_ID = -1
@@ -255,6 +269,15 @@ def _row_key(row: dict[str, Any]) -> tuple[str, str]:
     return str(row["label"]), str(key)
 
 
+def _keyed(row: dict[str, Any]) -> bool:
+    """Whether a decoded line is a result line (it has a label and a record key)."""
+    try:
+        _row_key(row)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
 def _read_done(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """Lines already written, keyed by (label, record key).
 
@@ -266,44 +289,77 @@ def _read_done(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
         DataError: a damaged line before the last one.
     """
     done: dict[tuple[str, str], dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]  # tail: bytes after the last newline (torn or empty)
-    keep = len(data) - len(tail)
-    for number, raw in enumerate(complete, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-            key = _row_key(row)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            if number == len(complete) and not tail.strip():
-                keep -= len(raw) + 1  # a torn last line that happens to end in a newline
-                break
-            raise DataError(
-                f"{path} line {number} is damaged (not a result line); move the file aside or "
-                "repair that line, then resume"
-            ) from None
-        done.setdefault(key, row)
-    if keep != len(data):
-        with path.open("r+b") as fh:  # cut the torn tail only; every complete line stays
-            fh.truncate(keep)
-            os.fsync(fh.fileno())
+    rows = read_jsonl(
+        path, valid=_keyed, repair=True, hint="move the file aside or repair that line, then resume"
+    )
+    for row in rows:
+        done.setdefault(_row_key(row), row)
     return done
+
+
+def read_run(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every result line of a run folder: ``results.jsonl`` and each shard's
+    ``results.shard-K-of-N.jsonl``, merged.
+
+    Several files are concatenated (the plain file first, then by shard) and a (label, record
+    key) seen twice keeps its first line (one file is taken as it is). The lines are then
+    ordered by record position, stably: the order an unsplit run writes each method's lines in,
+    so the summary of merged shards (or of Ray workers, which finish groups in any order) sums in
+    the same order as the unsplit run's. Files are only read (a torn last line, maybe a shard
+    still writing, is left out, not cut off).
+
+    Raises:
+        DataError: no results file in ``out_dir``, or a damaged line before a file's last.
+    """
+    out = Path(out_dir)
+    files = shard_files(out, RESULTS)
+    if not files:
+        raise DataError(f"no results file in {out}; run 'backward-lens evaluate' first")
+    hint = "repair or remove that line"
+    if len(files) == 1:
+        rows = read_jsonl(files[0][1], hint=hint)
+    else:
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        for _, path in files:
+            for row in read_jsonl(path, valid=_keyed, hint=hint):
+                merged.setdefault(_row_key(row), row)
+        rows = list(merged.values())
+    return sorted(rows, key=_position)
+
+
+def _position(row: dict[str, Any]) -> int:
+    """A line's record position (0 for lines without one), the merge's sort key."""
+    value = row.get("index", 0)
+    return value if isinstance(value, int) else 0
 
 
 def _check_run(
     out_dir: Path,
-    lm: LensModel,
+    model_name: str,
     data: str | None,
     settings: EvalSettings,
     resume: bool,
     overwrite: bool,
-) -> None:
-    run_path, results = out_dir / RUN, out_dir / RESULTS
-    meta = {"model": lm.name, "data": data, "settings": settings.measuring()}
+    shard: Shard,
+) -> Path:
+    """Check the run folder against this run's settings and shard layout; write ``run.json``.
+
+    A shard's own file is handled like an unsplit run's ``results.jsonl`` (``--resume`` or
+    ``--overwrite`` when it holds lines); when other shards' files hold lines, ``run.json`` must
+    match even without ``--resume``, so shards of one job cannot differ in what they measure.
+
+    Returns:
+        This process's results file.
+    """
+    run_path, results = out_dir / RUN, out_dir / shard.file_name(RESULTS)
+    meta: dict[str, Any] = {"model": model_name, "data": data, "settings": settings.measuring()}
+    if shard.sharded:
+        meta["shards"] = shard.count
+    files = shard_files(out_dir, RESULTS)
+    problem = layout_problem(files, shard, out_dir)
+    if problem:
+        raise InputError(problem)
+    others = [p for _, p in files if p != results and p.stat().st_size]
     if results.exists() and results.stat().st_size and not resume:
         if not overwrite:
             raise InputError(
@@ -311,7 +367,7 @@ def _check_run(
                 "--overwrite to start again (or choose another --out)"
             )
         results.unlink()
-    if resume and run_path.is_file():
+    if (resume or others) and run_path.is_file():
         try:
             old = json.loads(run_path.read_text(encoding="utf-8"))
             assert isinstance(old, dict)
@@ -326,6 +382,189 @@ def _check_run(
                 f"({old.get(diff[0])!r}); resume with the same settings or use another --out"
             )
     atomic_write_text(run_path, json.dumps(meta, indent=2) + "\n")
+    return results
+
+
+@dataclass
+class RunPlan:
+    """What a run (or one shard of it) still has to compute, checked against its folder.
+
+    Attributes:
+        specs: the methods, in order.
+        settings: what is measured and how.
+        out: the run folder.
+        results_path: this process's results file (``results.jsonl`` or a shard's).
+        keys: the stable key of every record (:func:`record_keys`).
+        duplicates: ids that occur more than once.
+        done: lines already in ``results_path`` (resume), keyed by (label, record key).
+        todo: positions of this shard's records with a method still to compute.
+        shard: the shard this process runs.
+        reused: lines of this run's methods already written (kept, not recomputed).
+    """
+
+    specs: list[MethodSpec]
+    settings: EvalSettings
+    out: Path
+    results_path: Path
+    keys: list[str]
+    duplicates: list[str]
+    done: dict[tuple[str, str], dict[str, Any]]
+    todo: list[int]
+    shard: Shard
+    reused: int = 0
+
+    def groups(self, records: Sequence[FactRecord]) -> list[list[tuple[int, str, FactRecord]]]:
+        """The records to compute, ``group_size`` at a time, as (position, key, record)."""
+        size = max(1, self.settings.group_size)
+        todo = [(i, self.keys[i], records[i]) for i in self.todo]
+        return [todo[start : start + size] for start in range(0, len(todo), size)]
+
+    def done_in(self, group: Sequence[tuple[int, str, FactRecord]]) -> set[tuple[str, str]]:
+        """The (label, key) pairs of ``group`` already written."""
+        keys = {key for _, key, _ in group}
+        return {k for k in self.done if k[1] in keys}
+
+
+def plan_run(
+    model_name: str,
+    n_layers: int,
+    records: Sequence[FactRecord],
+    methods: Sequence[MethodSpec | str],
+    out_dir: str | Path,
+    *,
+    settings: EvalSettings | None = None,
+    data: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard: Shard | None = None,
+) -> RunPlan:
+    """Check the methods and the run folder, write ``run.json``, and list what is left to do.
+
+    Needs only the model's name and depth, so a driver that does not hold the model (the Ray
+    backend) plans the same way as :func:`evaluate`.
+
+    Raises:
+        InputError: a method listed twice or with bad values, an occupied or mismatching folder.
+        DataError: a damaged ``run.json`` or results line.
+    """
+    settings = settings or EvalSettings()
+    specs = [m if isinstance(m, MethodSpec) else MethodSpec.parse(m) for m in methods]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"a method is listed twice: {labels}")
+    for spec in specs:  # values, layers against this model: before any record runs
+        checks.hparams(spec.name, spec.hparams, n_layers)
+    out = checks.output_folder(out_dir, "--out")
+    keys, duplicates = record_keys(records)
+    if duplicates:
+        shown = ", ".join(duplicates[:5]) + (" ..." if len(duplicates) > 5 else "")
+        log.warning(
+            "%d id(s) occur more than once in the records (%s); those records are keyed by "
+            "position and content instead",
+            len(duplicates),
+            shown,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    shard = shard or Shard()
+    results_path = _check_run(out, model_name, data, settings, resume, overwrite, shard)
+    done = _read_done(results_path) if resume else {}
+    todo = [
+        i
+        for i in range(len(records))
+        if shard.owns(i) and any((label, keys[i]) not in done for label in labels)
+    ]
+    reused = sum(1 for k in done if k[0] in labels)
+    return RunPlan(specs, settings, out, results_path, keys, duplicates, done, todo, shard, reused)
+
+
+class EvalWorker:
+    """Computes the result lines of groups of records with one model: the in-process path of
+    :func:`evaluate`, and what each Ray actor holds (it loads the model once).
+
+    Args:
+        lm: the model (left unchanged).
+        specs: the methods, in order (editors are built here: unknown names fail at once).
+        settings: what is measured and how.
+    """
+
+    def __init__(self, lm: LensModel, specs: Sequence[MethodSpec], settings: EvalSettings) -> None:
+        self.lm = lm
+        self.methods = [_Method(lm, s) for s in specs]
+        self.runner = _Runner(lm, settings)
+
+    def run_iter(
+        self, group: Sequence[tuple[int, str, FactRecord]], done: Collection[tuple[str, str]]
+    ) -> Iterator[list[dict[str, Any]]]:
+        """For each method in turn, the lines of ``group`` ((position, key, record) triples)
+        not in ``done``, with their ``key``, in record order."""
+        key_of = {i: key for i, key, _ in group}
+        items = [_prepare_one(i, record, self.lm) for i, _, record in group]
+        for method in self.methods:
+            label = method.spec.label
+            pending = [it for it in items if (label, key_of[_index(it)]) not in done]
+            rows = self.runner.run_group(method, pending)
+            yield [{"key": key_of[row["index"]], **row} for row in rows]
+
+    def run(
+        self, group: Sequence[tuple[int, str, FactRecord]], done: Collection[tuple[str, str]]
+    ) -> list[dict[str, Any]]:
+        """Every line of ``group`` not in ``done`` (see :meth:`run_iter`), methods in order."""
+        return [row for rows in self.run_iter(group, done) for row in rows]
+
+
+class ResultWriter:
+    """Appends result lines to a run's file, one JSON object a line, and counts them.
+
+    Only one process (the driver) writes a given file. Lines are flushed as they are written
+    and fsynced after each group, so a crash loses at most the group in progress.
+    """
+
+    def __init__(
+        self, plan: RunPlan, on_result: Callable[[dict[str, Any]], None] | None = None
+    ) -> None:
+        self.plan = plan
+        self.on_result = on_result
+        self.stats = {"written": 0, "skipped": 0, "errors": 0}
+        self._fh = plan.results_path.open("a", encoding="utf-8")
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append ``rows`` (each is also added to ``plan.done``)."""
+        for row in rows:
+            self._fh.write(json.dumps(row, default=_jsonable) + "\n")
+            self._fh.flush()
+            self.stats["written"] += 1
+            self.stats["skipped"] += row["status"] == "skipped"
+            self.stats["errors"] += row["status"] == "error"
+            self.plan.done[_row_key(row)] = row
+            if self.on_result is not None:
+                self.on_result(row)
+
+    def sync(self) -> None:
+        """Make the lines written so far durable (end of a group)."""
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if not self._fh.closed:
+            self._fh.close()
+
+    def result(self) -> RunResult:
+        """What this run wrote (warns when some pairs failed with an unexpected error)."""
+        if self.stats["errors"]:
+            log.warning(
+                "%d (record, method) pairs failed with an unexpected error; see 'reason' in %s",
+                self.stats["errors"],
+                self.plan.results_path,
+            )
+        return RunResult(
+            self.plan.out,
+            self.plan.results_path,
+            self.stats["written"],
+            self.stats["skipped"],
+            self.stats["errors"],
+            self.plan.reused,
+            self.plan.duplicates,
+        )
 
 
 def evaluate(
@@ -340,6 +579,7 @@ def evaluate(
     overwrite: bool = False,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> RunResult:
     """Evaluate single edits of every method on every record; stream lines to ``out_dir``.
 
@@ -355,77 +595,44 @@ def evaluate(
         overwrite: discard earlier results in ``out_dir``.
         on_result: called with each line after it is written (tests use it to interrupt).
         progress: show a tqdm bar (records/s and ETA).
+        shard: run only this shard's records (position ``i`` with ``i mod N == K``) and write
+            ``results.shard-K-of-N.jsonl``; :func:`read_run` and the summary merge the shards
+            (see :mod:`backward_lens.distributed.shards`). None: every record.
+
+    Raises:
+        InputError: a method listed twice, unknown or with bad values; an occupied folder.
     """
     settings = settings or EvalSettings()
     specs = [m if isinstance(m, MethodSpec) else MethodSpec.parse(m) for m in methods]
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise InputError(f"a method is listed twice: {labels}")
-    for spec in specs:  # values, layers against this model: before any record runs
+    for spec in specs:  # values and layers first, then unknown names: before any folder work
         checks.hparams(spec.name, spec.hparams, lm.n_layers)
-    prepared_methods = [_Method(lm, s) for s in specs]  # unknown names fail here, before work
-    out = checks.output_folder(out_dir, "--out")
-    keys, duplicates = record_keys(records)
-    if duplicates:
-        shown = ", ".join(duplicates[:5]) + (" ..." if len(duplicates) > 5 else "")
-        log.warning(
-            "%d id(s) occur more than once in the records (%s); those records are keyed by "
-            "position and content instead",
-            len(duplicates),
-            shown,
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, lm, data, settings, resume, overwrite)
-    results_path = out / RESULTS
-    done = _read_done(results_path) if resume else {}
-    reused = sum(1 for k in done if k[0] in labels)
-
-    items = prepare(records, lm)
-    key_of = {it_index: key for it_index, key in enumerate(keys)}
-    todo = [it for it in items if any((s.label, key_of[_index(it)]) not in done for s in specs)]
-    runner = _Runner(lm, settings)
-    stats = {"written": 0, "skipped": 0, "errors": 0}
-    bar = tqdm(total=len(todo), unit="rec", disable=not progress, desc="evaluate", smoothing=0.1)
-    with results_path.open("a", encoding="utf-8") as fh:
-
-        def write(row: dict[str, Any]) -> None:
-            fh.write(json.dumps(row, default=_jsonable) + "\n")
-            fh.flush()
-            stats["written"] += 1
-            stats["skipped"] += row["status"] == "skipped"
-            stats["errors"] += row["status"] == "error"
-            if on_result is not None:
-                on_result(row)
-
-        for start in range(0, len(todo), max(1, settings.group_size)):
-            group = todo[start : start + max(1, settings.group_size)]
-            for method in prepared_methods:
-                label = method.spec.label
-                pending = [it for it in group if (label, key_of[_index(it)]) not in done]
-                rows = runner.run_group(method, pending)
-                for row in rows:
-                    row = {"key": key_of[row["index"]], **row}
-                    write(row)
-                    done[_row_key(row)] = row
-            os.fsync(fh.fileno())
-            bar.update(len(group))
-            bar.set_postfix(written=stats["written"], skipped=stats["skipped"])
-    bar.close()
-    if stats["errors"]:
-        log.warning(
-            "%d (record, method) pairs failed with an unexpected error; see 'reason' in %s",
-            stats["errors"],
-            results_path,
-        )
-    return RunResult(
-        out,
-        results_path,
-        stats["written"],
-        stats["skipped"],
-        stats["errors"],
-        reused,
-        duplicates,
+    worker = EvalWorker(lm, specs, settings)
+    plan = plan_run(
+        lm.name,
+        lm.n_layers,
+        records,
+        specs,
+        out_dir,
+        settings=settings,
+        data=data,
+        resume=resume,
+        overwrite=overwrite,
+        shard=shard,
     )
+    desc = f"evaluate {plan.shard}" if plan.shard.sharded else "evaluate"
+    bar = tqdm(total=len(plan.todo), unit="rec", disable=not progress, desc=desc, smoothing=0.1)
+    writer = ResultWriter(plan, on_result)
+    try:
+        for group in plan.groups(records):
+            for rows in worker.run_iter(group, plan.done_in(group)):
+                writer.write(rows)
+            writer.sync()
+            bar.update(len(group))
+            bar.set_postfix(written=writer.stats["written"], skipped=writer.stats["skipped"])
+    finally:
+        writer.close()
+        bar.close()
+    return writer.result()
 
 
 def _index(item: _Prepared | tuple[int, FactRecord, str]) -> int:

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from backward_lens.batching import eval_mode, input_device, model_inputs, pad_batch, pad_id
+from backward_lens.batching import (
+    cache_inputs,
+    eval_mode,
+    input_device,
+    model_inputs,
+    pad_batch,
+    pad_id,
+)
 from backward_lens.data import FactRecord
 from backward_lens.errors import InputError
 from backward_lens.evaluation.scoring import BatchCallback, TargetScore, score_sequences
@@ -225,8 +232,8 @@ def generate_texts(
                     input_ids=picked[:, None].to(device),
                     attention_mask=mask.to(device),
                     position_ids=positions.to(device),
-                    past_key_values=out.past_key_values,
                     use_cache=True,
+                    **cache_inputs(model, out),
                 )
             texts += [
                 tok.decode(s + n[:k], skip_special_tokens=True)

@@ -36,7 +36,8 @@ METRICS: tuple[tuple[str, str, float], ...] = (
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``results.jsonl`` (``path`` is the file or its run folder).
+    """The rows of a run's ``results.jsonl`` (``path`` is the file or its run folder; a folder's
+    shard files ``results.shard-K-of-N.jsonl`` are merged in, see ``harness.read_run``).
 
     A torn last line (a run killed mid-write) is left out; a damaged line anywhere else is an
     error, never silently dropped.
@@ -45,8 +46,10 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
         DataError: no results file, or a damaged line before the last.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / "results.jsonl"
+    if path.is_dir():  # a run folder: results.jsonl and every shard's file, merged
+        from backward_lens.evaluation.harness import read_run
+
+        return read_run(path)
     if not path.is_file():
         raise DataError(f"no results file at {path}; run 'backward-lens evaluate' first")
     rows = []

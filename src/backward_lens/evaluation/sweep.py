@@ -10,13 +10,19 @@ The choice: among points whose efficacy accuracy reaches ``min_efficacy``, the o
 neighbourhood score (ROME's P(true) > P(new) on neighbourhood prompts), then paraphrase accuracy,
 then the smaller eta. Neighbourhood *accuracy* is near zero for small models even before any edit
 (the true object is rarely their argmax), so it cannot rank the points; it is reported as well.
+
+Split over processes (``--shard K/N``), shard K computes the grid points ``p mod N == K`` (each
+point is independent of the others) and writes ``sweep.shard-K-of-N.json``; :func:`merge_parts`
+joins the parts into the same table an unsplit sweep gives.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -26,9 +32,11 @@ from tqdm.auto import tqdm
 from backward_lens import checks
 from backward_lens.batching import Hooks
 from backward_lens.data import FactRecord
-from backward_lens.errors import BackwardLensError, InputError
+from backward_lens.distributed.shards import Shard, layout_problem, shard_files
+from backward_lens.errors import BackwardLensError, DataError, InputError
 from backward_lens.evaluation.metrics import RecordPrompts
 from backward_lens.evaluation.scoring import encode_pair, score_sequences
+from backward_lens.io import atomic_write_text
 from backward_lens.models import LensModel
 
 
@@ -156,8 +164,28 @@ def shift_sweep(
     *,
     batch_size: int = 64,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> pd.DataFrame:
-    """Metrics of forward pass shift for every (layer, eta), plus the unedited row (eta 0)."""
+    """Metrics of forward pass shift for every (layer, eta), plus the unedited row (eta 0).
+
+    Args:
+        lm: the model (left unchanged: the shift is a forward hook).
+        records: the held-out split.
+        layers: candidate layers (negative counts from the end).
+        etas: candidate etas, each in (0, MAX_ETA].
+        batch_size: sequences per forward pass.
+        progress: show a progress bar.
+        shard: compute only the grid points ``p`` with ``p mod N == K`` (grid order: the unedited
+            point, then layer-major, eta-minor). Every point is computed independently from the
+            same probe of all records, so the parts concatenated equal the unsplit table exactly.
+
+    Returns:
+        One row per grid point (:class:`SweepPoint` fields), indexed by grid position.
+
+    Raises:
+        InputError: a layer the model lacks, no or bad etas, no usable record.
+    """
+    shard = shard or Shard()
     checks.layers("layers", list(layers), lm.n_layers)
     layers = [layer % lm.n_layers for layer in layers]
     if not etas:
@@ -176,7 +204,9 @@ def shift_sweep(
 
     points = []
     grid = [(layers[0], 0.0)] + [(layer, eta) for layer in layers for eta in etas]
-    for layer, eta in tqdm(grid, desc="sweep", unit="pt", disable=not progress):
+    mine = [p for p in range(len(grid)) if shard.owns(p)]
+    desc = f"sweep {shard}" if shard.sharded else "sweep"
+    for layer, eta in tqdm([grid[p] for p in mine], desc=desc, unit="pt", disable=not progress):
         rows = _ShiftRows(x_by_layer[layer], e_t, ~predicted)
         rows.eta = eta
         module = lm.arch.resolve(layer, "ff2").module
@@ -188,7 +218,96 @@ def shift_sweep(
             hooks.forward(module, rows.hook)
             scored = score_sequences(lm, seqs, n_scored, batch_size=batch_size, on_batch=on_batch)
         points.append(_point(layer if eta else -1, eta, cases, scored))
-    return pd.DataFrame([asdict(p) for p in points])
+    columns = [f.name for f in fields(SweepPoint)]
+    return pd.DataFrame([asdict(p) for p in points], index=mine, columns=columns)
+
+
+PART = "sweep.json"
+"""Base name of a shard's part: ``sweep.shard-K-of-N.json`` (settings and its grid points)."""
+
+
+def write_part(out: Path, shard: Shard, settings: dict[str, Any], df: pd.DataFrame) -> Path:
+    """Write one shard's grid points (atomically) with the settings they were computed with.
+
+    Raises:
+        InputError: the folder holds parts of another split or with other settings.
+    """
+    check_parts(out, shard, settings)
+    rows = [
+        {"point": int(i), **row} for i, row in zip(df.index, df.to_dict("records"), strict=True)
+    ]
+    body = {"shard": str(shard), "settings": settings, "points": rows}
+    return atomic_write_text(out / shard.file_name(PART), json.dumps(body, indent=1) + "\n")
+
+
+def _read_part(path: Path) -> dict[str, Any]:
+    try:
+        part = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(part, dict) or "points" not in part or "settings" not in part:
+            raise ValueError
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{path} is damaged; run that shard again") from None
+    return part
+
+
+def check_parts(out: Path, shard: Shard, settings: dict[str, Any]) -> None:
+    """Refuse to add a part to a folder holding parts of another split or other settings.
+
+    Raises:
+        InputError: a different N, or different settings (model, data, records, grid).
+    """
+    files = shard_files(out, PART)
+    problem = layout_problem(files, shard, out)
+    if problem:
+        raise InputError(problem)
+    for other, path in files:
+        if other == shard:
+            continue
+        old = _read_part(path)["settings"]
+        diff = [k for k in settings if old.get(k) != settings[k]]
+        if diff:
+            raise InputError(
+                f"{path.name} in {out} was computed with different {', '.join(diff)} "
+                f"({old.get(diff[0])!r}); run every shard with the same settings or use "
+                "another --out"
+            )
+
+
+def merge_parts(out: Path) -> tuple[pd.DataFrame | None, dict[str, Any], list[int], int]:
+    """The shards' parts in ``out`` merged into the full table (grid order), when all are there.
+
+    Returns:
+        (the table, or None while a part is missing; the settings; the shards present; N).
+
+    Raises:
+        DataError: no part in ``out``, or a damaged one.
+        InputError: parts of different splits or settings.
+    """
+    files = [(s, p) for s, p in shard_files(out, PART) if s.sharded]
+    if not files:
+        raise DataError(f"no sweep part (sweep.shard-K-of-N.json) in {out}; run the shards first")
+    counts = {s.count for s, _ in files}
+    if len(counts) > 1:
+        raise InputError(
+            f"{out} holds sweep parts of splits into {sorted(counts)} shards; keep one split "
+            "(move the others aside) and try again"
+        )
+    count = counts.pop()
+    parts = [(s, _read_part(p)) for s, p in files]
+    settings = parts[0][1]["settings"]
+    for s, part in parts[1:]:
+        if part["settings"] != settings:
+            raise InputError(
+                f"sweep part {s} in {out} was computed with other settings than part "
+                f"{parts[0][0]}; run every shard with the same settings"
+            )
+    present = [s.index for s, _ in parts]
+    if len(present) < count:
+        return None, settings, present, count
+    rows = sorted((r for _, part in parts for r in part["points"]), key=lambda r: r["point"])
+    index = [r.pop("point") for r in rows]
+    columns = [f.name for f in fields(SweepPoint)]
+    return pd.DataFrame(rows, index=index, columns=columns), settings, present, count
 
 
 def _point(

@@ -12,6 +12,10 @@ Output folder (everything but ``raw.jsonl`` is written atomically):
 - ``summary.md``   the finding in numbers, the paper's finding, skips and time per record.
 
 Re-running on a finished folder only re-aggregates and redraws (the model is not even loaded).
+
+Split over processes (``shard=Shard(K, N)``, ``--shard K/N``), shard K computes the sampled
+records at positions ``i mod N == K`` into ``raw.shard-K-of-N.jsonl``; the aggregate, figure and
+summary are built from all shards' files found, in sample order, so they equal the unsplit run's.
 """
 
 from __future__ import annotations
@@ -20,16 +24,17 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from backward_lens import checks
 from backward_lens.capture import capture_requests
 from backward_lens.data import FactRecord, load_records
+from backward_lens.distributed.shards import Shard, layout_problem, shard_files
 from backward_lens.errors import BackwardLensError, DataError, InputError
-from backward_lens.io import atomic_write_bytes, atomic_write_text
+from backward_lens.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from backward_lens.models import DEFAULT_MODEL, LensModel, load_model
 from backward_lens.study.base import Aggregate, Experiment, Item, StudyOptions, clean_json
 from backward_lens.study.figures import html_page, png_bytes
@@ -110,40 +115,37 @@ def _reason(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}"
 
 
+def _has_key(row: dict[str, Any]) -> bool:
+    return "key" in row
+
+
 def _read_raw(path: Path) -> list[dict[str, Any]]:
-    """Lines of ``raw.jsonl``. Only a torn last line (a crash mid-write) is cut off; a damaged
-    line before it is an error, so no finished line is ever deleted.
+    """Lines of ``raw.jsonl`` (this process's file). Only a torn last line (a crash mid-write) is
+    cut off; a damaged line before it is an error, so no finished line is ever deleted.
 
     Raises:
         DataError: a line before the last is not a JSON object with a ``key``.
     """
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]
-    keep = len(data) - len(tail)
-    rows = []
-    for number, raw in enumerate(complete, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-            if not isinstance(row, dict) or "key" not in row:
-                raise ValueError
-        except (UnicodeDecodeError, ValueError):
-            if number == len(complete) and not tail.strip():
-                keep -= len(raw) + 1
-                break
-            raise DataError(
-                f"{path} line {number} is damaged; move the file aside (or pass --fresh to "
-                "start again) and re-run"
-            ) from None
-        rows.append(row)
-    if keep != len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(keep)
-            os.fsync(fh.fileno())
+    return read_jsonl(
+        path,
+        valid=_has_key,
+        repair=True,
+        hint="move the file aside (or pass --fresh to start again) and re-run",
+    )
+
+
+def read_raw_rows(out: str | Path) -> list[dict[str, Any]]:
+    """Every raw line of a study folder: ``raw.jsonl`` and each shard's
+    ``raw.shard-K-of-N.jsonl``, concatenated (plain file first, then by shard). Files are only
+    read: a torn last line (maybe a shard still writing) is left out, not cut off.
+
+    Raises:
+        DataError: a damaged line before a file's last.
+    """
+    hint = "move the file aside (or pass --fresh to start again) and re-run"
+    rows: list[dict[str, Any]] = []
+    for _, path in shard_files(out, RAW):
+        rows += read_jsonl(path, valid=_has_key, hint=hint)
     return rows
 
 
@@ -180,7 +182,8 @@ def _prepare(lm_tokenizer: Any, index: int, record: FactRecord, context: int | N
     return Item(index, str(record.case_id), record, request, seg)
 
 
-def _model_facts(lm: LensModel) -> dict[str, Any]:
+def model_facts(lm: LensModel) -> dict[str, Any]:
+    """What ``config.json`` records about the model (name, type, depth, vocabulary, width)."""
     cfg = lm.model.config
     return {
         "model": lm.name,
@@ -205,6 +208,8 @@ def run_study(
     batch_size: int = 16,
     fresh: bool = False,
     progress: bool = True,
+    shard: Shard | None = None,
+    executor: StudyExecutor | None = None,
 ) -> StudyResult:
     """Run ``experiment`` on ``n`` records sampled from ``data`` with ``seed``.
 
@@ -222,7 +227,15 @@ def run_study(
         batch_size: records per capture batch (the capture is exact in batches).
         fresh: discard an existing ``raw.jsonl`` instead of resuming.
         progress: show a progress bar.
+        shard: compute only this shard's records (sample position ``i`` with ``i mod N == K``)
+            into ``raw.shard-K-of-N.jsonl``; the aggregate and figure are built from every
+            shard's file found in ``out`` (the summary says how many records are still missing).
+            ``fresh`` then discards only this shard's file. None: every record.
+        executor: compute the pending records there instead of in this process (e.g.
+            :class:`~backward_lens.distributed.ray_backend.RayStudy`); ``model`` is then only
+            named (never loaded here) and this process alone writes the raw lines.
     """
+    shard = shard or Shard()
     exp = get_experiment(experiment) if isinstance(experiment, str) else experiment
     options = options or StudyOptions()
     check_options(options, None if isinstance(model, str) else model.n_layers)
@@ -246,14 +259,22 @@ def run_study(
         "options": options.to_dict(),
         "sampled": len(records),
     }
-    raw_path = out / RAW
-    previous = None if fresh else _read_config(out / CONFIG)
+    if shard.sharded:
+        config["shards"] = shard.count
+    raw_path = out / shard.file_name(RAW)
+    files = shard_files(out, RAW)
+    problem = layout_problem(files, shard, out)
+    if problem:
+        raise InputError(problem)
+    others = [p for _, p in files if p != raw_path and p.stat().st_size]
+    previous = None if fresh and not others else _read_config(out / CONFIG)
     if previous is not None:
         differ = [k for k in config if previous.get("run", {}).get(k) != config[k]]
-        if differ and raw_path.exists():
+        if differ and (others or (raw_path.exists() and not fresh)):
             raise InputError(
                 f"{out} holds a different run (it differs in {', '.join(differ)}); choose another "
                 "--out, or pass --fresh to overwrite it"
+                + (" (and remove the other shards' raw files)" if others else "")
             )
     rows = [] if fresh else _read_raw(raw_path)
     done = {r["key"] for r in rows}
@@ -261,20 +282,31 @@ def run_study(
     if len(set(keys)) != len(keys):  # ids are not unique: fall back to the sample position
         keys = [f"{i}:{r.case_id}" for i, r in enumerate(records)]
     pairs = enumerate(zip(records, keys, strict=True))
-    pending = [(i, r, k) for i, (r, k) in pairs if k not in done]
+    pending = [(i, r, k) for i, (r, k) in pairs if shard.owns(i) and k not in done]
     facts = (previous or {}).get("facts")
-    if pending:
+    if pending and executor is not None:
+        facts = executor.facts()
+        check_options(options, facts["n_layers"])  # before anything is written or computed
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            raw_path.unlink(missing_ok=True)
+        atomic_write_text(out / CONFIG, json.dumps({"run": config, "facts": facts}, indent=2))
+        executor.compute(
+            exp, pending, options, batch_size, lambda row: _append(raw_path, row), progress
+        )
+    elif pending:
         lm = model if isinstance(model, LensModel) else load_model(model)
         check_options(options, lm.n_layers)  # before anything is written or computed
         out.mkdir(parents=True, exist_ok=True)
         if fresh:
             raw_path.unlink(missing_ok=True)
-        facts = _model_facts(lm)
+        facts = model_facts(lm)
         atomic_write_text(out / CONFIG, json.dumps({"run": config, "facts": facts}, indent=2))
         _compute(exp, lm, pending, raw_path, options, batch_size, progress)
-        rows = _read_raw(raw_path)
     elif facts is None:
         raise InputError(f"{out} has no record to compute and no model facts; pass --fresh")
+    _read_raw(raw_path)  # repair this shard's own torn tail, if any, before merging
+    rows = read_raw_rows(out)
     return finish(exp, out, rows, keys, {"run": config, "facts": facts})
 
 
@@ -291,6 +323,57 @@ def _read_config(path: Path) -> dict[str, Any] | None:
     return config
 
 
+def compute_rows(
+    exp: Experiment,
+    lm: LensModel,
+    pending: Sequence[tuple[int, FactRecord, str]],
+    options: StudyOptions,
+    batch_size: int,
+) -> Iterator[dict[str, Any]]:
+    """The raw line of each pending (position, record, key), as soon as it is computed.
+
+    A record that cannot be prepared or measured yields a ``skipped`` line with its reason; a
+    batch whose capture fails is captured again one record at a time to find the culprit. Used
+    in-process by :func:`run_study` and by each Ray actor.
+    """
+    items: list[Item] = []
+    for index, record, key in pending:
+        try:
+            item = _prepare(lm.tokenizer, index, record, lm.context_length)
+            item.key = key
+            items.append(item)
+        except Exception as exc:  # a bad record is skipped and counted, never fatal
+            yield _skip(key, record, exc)
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        t0 = time.perf_counter()
+        try:
+            captures = capture_requests(lm, [it.request for it in batch], matrices=exp.matrices)
+        except Exception:
+            captures = []  # isolate the failing record: capture one by one below
+        share = (time.perf_counter() - t0) / len(batch)
+        for k, item in enumerate(batch):
+            t1 = time.perf_counter()
+            try:
+                cap = (
+                    captures[k]
+                    if captures
+                    else capture_requests(lm, [item.request], matrices=exp.matrices)[0]
+                )
+                values = exp.measure(lm, item, cap, options)
+            except Exception as exc:  # counted with its reason in the summary
+                yield _skip(item.key, item.record, exc)
+                continue
+            seconds = share + time.perf_counter() - t1
+            yield {
+                "key": item.key,
+                "case_id": item.record.case_id,
+                "status": "ok",
+                "seconds": round(seconds, 4),
+                "values": values,
+            }
+
+
 def _compute(
     exp: Experiment,
     lm: LensModel,
@@ -303,51 +386,32 @@ def _compute(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(pending), desc=exp.name, unit="record", disable=not progress)
-    items: list[Item] = []
-    for index, record, key in pending:
-        try:
-            item = _prepare(lm.tokenizer, index, record, lm.context_length)
-            item.key = key
-            items.append(item)
-        except Exception as exc:  # a bad record is skipped and counted, never fatal
-            _append(raw_path, _skip(key, record, exc))
-            bar.update(1)
     try:
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            t0 = time.perf_counter()
-            try:
-                captures = capture_requests(lm, [it.request for it in batch], matrices=exp.matrices)
-            except Exception:
-                captures = []  # isolate the failing record: capture one by one below
-            share = (time.perf_counter() - t0) / len(batch)
-            for k, item in enumerate(batch):
-                t1 = time.perf_counter()
-                try:
-                    cap = (
-                        captures[k]
-                        if captures
-                        else capture_requests(lm, [item.request], matrices=exp.matrices)[0]
-                    )
-                    values = exp.measure(lm, item, cap, options)
-                except Exception as exc:  # counted with its reason in the summary
-                    _append(raw_path, _skip(item.key, item.record, exc))
-                    bar.update(1)
-                    continue
-                seconds = share + time.perf_counter() - t1
-                _append(
-                    raw_path,
-                    {
-                        "key": item.key,
-                        "case_id": item.record.case_id,
-                        "status": "ok",
-                        "seconds": round(seconds, 4),
-                        "values": values,
-                    },
-                )
-                bar.update(1)
+        for row in compute_rows(exp, lm, pending, options, batch_size):
+            _append(raw_path, row)
+            bar.update(1)
     finally:
         bar.close()
+
+
+class StudyExecutor(Protocol):
+    """Computes a study's pending records somewhere else (the Ray backend implements it)."""
+
+    def facts(self) -> dict[str, Any]:
+        """The model's facts (:func:`model_facts`: name, type, ``n_layers``, vocabulary...)."""
+        ...
+
+    def compute(
+        self,
+        exp: Experiment,
+        pending: list[tuple[int, FactRecord, str]],
+        options: StudyOptions,
+        batch_size: int,
+        write: Callable[[dict[str, Any]], None],
+        progress: bool,
+    ) -> None:
+        """Compute every pending record; call ``write`` with each raw line (in the driver)."""
+        ...
 
 
 def _skip(key: str, record: FactRecord, exc: BaseException) -> dict[str, Any]:

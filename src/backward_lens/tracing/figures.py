@@ -34,13 +34,18 @@ def record_png(values: dict[str, Any], model: str) -> bytes:
     tokens = list(values["tokens"])
     s, e = values["subject"]
     labels = [f"{t!r}"[1:-1] + ("*" if s <= i < e else "") for i, t in enumerate(tokens)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 0.28 * len(tokens) + 1.4))
+    fig, axes = plt.subplots(
+        1,
+        len(kinds),
+        figsize=(3.4 * len(kinds) + 0.8, 0.22 * len(tokens) + 1.4),
+        constrained_layout=True,
+    )
     axes = np.atleast_1d(axes)
-    for ax, kind in zip(axes, kinds, strict=True):
+    for i, (ax, kind) in enumerate(zip(axes, kinds, strict=True)):
         m = np.asarray(values["scores"][kind])
         image = ax.imshow(m, aspect="auto", cmap=CMAPS[kind], vmin=values["low"],
                           interpolation="nearest")  # fmt: skip
-        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_yticks(range(len(labels)), labels if i == 0 else [""] * len(labels), fontsize=6)
         step = max(1, m.shape[1] // 6)
         ax.set_xticks(range(0, m.shape[1], step), [str(i) for i in range(0, m.shape[1], step)],
                       fontsize=6)  # fmt: skip
@@ -62,12 +67,15 @@ def averages_png(agg: dict[str, Any], model: str, n: int) -> bytes:
     layer, one heatmap per kind, and the three kinds' curves at the subject's last token."""
     plt = pyplot()
     kinds = list(agg["averages"])
-    fig, axes = plt.subplots(1, len(kinds) + 1, figsize=(4.2 * (len(kinds) + 1), 3.0))
-    for ax, kind in zip(axes, kinds, strict=False):
+    fig, axes = plt.subplots(
+        1, len(kinds) + 1, figsize=(4.6 * (len(kinds) + 1), 3.0), constrained_layout=True
+    )
+    for i, (ax, kind) in enumerate(zip(axes, kinds, strict=False)):
         rows = [seg for seg in ROME_SEGMENTS if agg["averages"][kind].get(seg) is not None]
         m = np.asarray([agg["averages"][kind][seg] for seg in rows])
         image = ax.imshow(m, aspect="auto", cmap=CMAPS[kind], interpolation="nearest")
-        ax.set_yticks(range(len(rows)), [SEGMENT_LABELS[r] for r in rows], fontsize=7)
+        labels = [SEGMENT_LABELS[r] for r in rows] if i == 0 else [""] * len(rows)
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
         step = max(1, m.shape[1] // 6)
         ax.set_xticks(range(0, m.shape[1], step), [str(i) for i in range(0, m.shape[1], step)],
                       fontsize=7)  # fmt: skip

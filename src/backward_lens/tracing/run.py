@@ -46,8 +46,7 @@ RAW = "raw.jsonl"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 MEMIT_WIDTH = 5
-"""MEMIT edits 5 consecutive layers ending at the peak, as its GPT-2 xl choice 13-17 with ROME's
-layer 17 (Meng et al. 2023, §5)."""
+"""MEMIT edits 5 consecutive layers (its GPT-2 xl 13-17 and GPT-J 3-8 choices are 5-6 layers)."""
 
 
 @dataclass
@@ -72,10 +71,17 @@ class TraceResult:
         return int(self.summary["peak"]["mlp"])
 
 
-def chosen_layers(peak_mlp: int, width: int = MEMIT_WIDTH) -> dict[str, Any]:
-    """ROME's layer and MEMIT's layers implied by the peak MLP layer at the last subject token:
-    ROME edits the peak; MEMIT the ``width`` layers ending there (clipped at 0)."""
-    return {"rome": peak_mlp, "memit": list(range(max(0, peak_mlp - width + 1), peak_mlp + 1))}
+def chosen_layers(curve: Sequence[float], width: int = MEMIT_WIDTH) -> dict[str, Any]:
+    """ROME's layer and MEMIT's layers implied by the MLP's average indirect effect at the
+    subject's last token, ``curve`` [L]: ROME edits the peak layer (Meng et al. 2022, §2-3);
+    MEMIT the ``width`` consecutive layers of highest mean effect, its "critical" MLP layers
+    (Meng et al. 2023, §3; GPT-2 xl: 13-17 around ROME's 17). Ties go to the lower layer."""
+    values = [float(v) for v in curve]
+    peak = max(range(len(values)), key=values.__getitem__)
+    width = min(width, len(values))
+    sums = [sum(values[a : a + width]) for a in range(len(values) - width + 1)]
+    start = max(range(len(sums)), key=sums.__getitem__)
+    return {"rome": peak, "memit": list(range(start, start + width))}
 
 
 def _true_object(record: FactRecord) -> str | None:
@@ -147,15 +153,17 @@ def run_trace(
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     model_name = model if isinstance(model, str) else model.name
+    knobs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    knobs.pop("batch_rows")
+    knobs["noise_seed"] = knobs.pop("seed")
     run = {
         "data": str(Path(data).resolve()) if data is not None else "(records given in Python)",
         "records": n,
-        "seed": seed,
+        "seed": seed,  # the record order's
         "model": model_name,
         "known_only": known_only,
-        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        **knobs,
     }
-    run.pop("batch_rows")
     previous = None if fresh else _read_config(out / CONFIG)
     rows = [] if fresh else _read_rows(out)
     if previous is not None and rows:
@@ -303,7 +311,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         per = [segment_effects(v, kind) for v in values]
         averages[kind] = {}
         for segment in SEGMENTS:
-            got = [p[segment] for p in per if p[segment] is not None]
+            got = [curve for p in per if (curve := p[segment]) is not None]
             counts[segment] = len(got)
             averages[kind][segment] = np.mean(got, axis=0).tolist() if got else None
     peak = {
@@ -340,7 +348,9 @@ def finish(
     seconds = [r["seconds"] for r in ok]
     summary = {
         **agg,
-        "chosen": chosen_layers(agg["peak"]["mlp"]) if "mlp" in agg["peak"] else None,
+        "chosen": (
+            chosen_layers(agg["averages"]["mlp"]["last_subject"]) if "mlp" in agg["peak"] else None
+        ),
         "n_traced": len(ok),
         "n_asked": n,
         "skipped": skipped,
@@ -379,7 +389,8 @@ def _summary_md(s: dict[str, Any]) -> str:
     lines = [
         f"# Causal tracing: {s.get('facts', {}).get('model', '?')}",
         "",
-        f"- data: `{run.get('data')}`, seed {run.get('seed')}, known facts only: "
+        f"- data: `{run.get('data')}`, record order seed {run.get('seed')}, noise seed "
+        f"{run.get('noise_seed')}, known facts only: "
         f"{run.get('known_only')}",
         f"- traced: {s['n_traced']} of {s['n_asked']} asked; skipped: {s['skipped'] or 'none'}",
         f"- noise: {run.get('noise_factor')} x embedding std {s.get('noise_std', 0):.4g}, "
@@ -398,7 +409,7 @@ def _summary_md(s: dict[str, Any]) -> str:
         lines += [
             "",
             f"ROME's layer: {s['chosen']['rome']}; MEMIT's layers: {s['chosen']['memit']} "
-            "(5 layers ending at the peak, as MEMIT's GPT-2 xl 13-17 with ROME at 17).",
+            "(ROME: the peak; MEMIT: the 5 consecutive layers of highest mean MLP effect).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -28,7 +28,7 @@ from backward_lens.errors import InputError
 from backward_lens.models import LensModel
 from backward_lens.training.reading import UpdateReading, read_factors
 from backward_lens.training.recorder import Recording, record
-from backward_lens.training.runlog import RunFolder
+from backward_lens.training.runlog import RunFolder, check_run_folder
 from backward_lens.training.targets import base_model, select_targets
 from backward_lens.training.tensorboard import TensorBoardLogger, summary_writer
 
@@ -39,8 +39,8 @@ class TrainingLens:
     Args:
         model: the model the loop calls (a Hugging Face causal LM, possibly PEFT-wrapped).
         tokenizer: its tokenizer (labels tokens in the readings).
-        out_dir: a run folder to stream readings to (``lens.jsonl``, ``log.jsonl``,
-            ``run.json``), or None to keep only :attr:`last`.
+        out_dir: a new or empty run folder to stream readings to (``lens.jsonl``,
+            ``log.jsonl``, ``run.json``), or None to keep only :attr:`last`.
         every: read step 1, every ``every``-th step, and the step given as ``last_step``.
         last_step: the final step, also read (None: unknown).
         layers, matrices, include_frozen: what to read (see
@@ -50,6 +50,7 @@ class TrainingLens:
         settings: extra entries for ``run.json``.
 
     Raises:
+        OutputPathError: ``out_dir`` is a file or a folder that is not empty.
         InputError: bad sizes, no trainable matrix selected, gradient checkpointing on (its
             recomputed forward pass would record every input twice), TensorBoard requested
             without the package or without ``out_dir``.
@@ -106,7 +107,7 @@ class TrainingLens:
         self.run: RunFolder | None = None
         self.board: TensorBoardLogger | None = None
         if out_dir is not None:
-            self.run = RunFolder(out_dir)
+            self.run = RunFolder(check_run_folder(out_dir))
             if tensorboard:
                 self.board = TensorBoardLogger(summary_writer(self.run.path / "tensorboard"))
             self.run.write_settings(
@@ -150,13 +151,11 @@ class TrainingLens:
             top_tokens=self.top_tokens,
             contributors=self.contributors,
         )
-        loss = sum(rec.losses) if rec.losses else None
         if self.run is not None:
             for r in readings:
-                row = r.to_dict()
-                if loss is not None:
-                    row["model_loss"] = loss
-                self.run.lens.write(row)
+                # The loss each forward call of the step returned (one per micro-batch), as the
+                # model computed it (mean or sum over tokens, whatever the loop asked for).
+                self.run.lens.write({**r.to_dict(), "model_losses": rec.losses})
         if self.board is not None:
             self.board.readings(readings)
         self.last = readings

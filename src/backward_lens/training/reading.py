@@ -19,7 +19,7 @@ words describe what this step's data asks for, not the exact change Adam makes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -104,13 +104,15 @@ class UpdateReading:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UpdateReading:
-        """Rebuild a reading from :meth:`to_dict`'s output."""
+        """Rebuild a reading from :meth:`to_dict`'s output (or a ``lens.jsonl`` line: extra keys
+        such as ``model_losses`` are ignored)."""
         dirs = []
         for d in data["directions"]:
             d = dict(d)
             d["positions"] = [Contributor(**p) for p in d.get("positions", [])]
             dirs.append(DirectionReading(**d))
-        return cls(**{**data, "directions": dirs})
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names}, directions=dirs)
 
     @property
     def words(self) -> list[str]:

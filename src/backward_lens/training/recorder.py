@@ -160,8 +160,7 @@ def record(model: nn.Module, targets: list[Target]) -> Iterator[Recording]:
             model(**batch).loss.backward()
         factors = rec.factors()
 
-    Raises:
-        InputError: via the caller; this function itself only registers hooks.
+    Module hooks are removed when the context ends, whatever happens.
     """
     rec = Recording(list(targets))
     with Hooks() as hooks:

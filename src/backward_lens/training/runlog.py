@@ -9,6 +9,7 @@ starts only in a new or empty folder.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Iterator
@@ -74,11 +75,18 @@ def _finite(value: Any) -> Any:
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The rows of a JSON-lines file; a missing file has none, and a cut last line is skipped."""
+    """The rows of a JSON-lines file; a missing file has none, and a cut last line is skipped.
+
+    An archived run may keep ``NAME.jsonl.gz`` instead of ``NAME.jsonl``: it is read the same.
+    """
     path = Path(path)
-    if not path.is_file():
+    packed = path.with_name(path.name + ".gz")
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+    elif packed.is_file():
+        lines = gzip.decompress(packed.read_bytes()).decode("utf-8").splitlines()
+    else:
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
     for k, line in enumerate(lines):
         if not line.strip():
             continue

@@ -37,7 +37,8 @@ matrices.forEach(m => {
       const t = hi > lo ? (Math.log10(Math.max(r.norm, 1e-30)) - lo) / (hi - lo) : 0.5;
       const bg = `hsl(30, 90%, ${Math.round(96 - 50*t)}%)`, fg = t > 0.75 ? '#fff' : '#111';
       const words = r.directions.length ? r.directions[0].words.slice(0, 2).join(' ·') : '(zero)';
-      html += `<td class="cell" style="background:${bg};color:${fg}" data-key="${esc(m+'|'+l+'|'+s)}" title="norm ${fmt(r.norm)}">${esc(words)}</td>`;
+      const tip = `norm ${fmt(r.norm)}\n` + r.directions.map((d, j) => `direction ${j+1} (${(100*d.share).toFixed(0)}%): ${d.words.slice(0, 3).join(' · ')}`).join('\n');
+      html += `<td class="cell" style="background:${bg};color:${fg}" data-key="${esc(m+'|'+l+'|'+s)}" title="${esc(tip)}">${esc(words)}</td>`;
     });
     html += '</tr>';
   });

@@ -1,0 +1,268 @@
+"""Shards (``--shard K/N``): the split is deterministic and balanced, the environment is read
+with clear errors, and merged shards equal the unsplit run (evaluate, study, sweep)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from backward_lens.cli import main
+from backward_lens.data import load_records
+from backward_lens.distributed.shards import Shard, parse_shard, resolve_shard, shard_from_env
+from backward_lens.errors import InputError
+from backward_lens.evaluation import evaluate, read_results, write_summary
+from backward_lens.evaluation.harness import read_run
+from backward_lens.evaluation.sweep import shift_sweep
+from backward_lens.study import run_study
+from tests.test_evaluation_harness import FACTS, SETTINGS, _close, easyedit_file
+from tests.tiny import make_tiny
+from tests.tiny_folder import save_tiny_llama
+
+TIMING = ("time_edit", "edit_batch", "seconds")
+
+
+def _untimed(rows: list[dict]) -> list[dict]:  # type: ignore[type-arg]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------
+# the split and where it comes from
+
+
+def test_parse_and_assignment_is_balanced() -> None:
+    assert parse_shard("2/5") == Shard(2, 5)
+    assert parse_shard(" 0 / 1 ") == Shard(0, 1)
+    owners = [[k for k in range(3) if Shard(k, 3).owns(i)] for i in range(10)]
+    assert owners == [[i % 3] for i in range(10)]  # each record in exactly one shard: i mod N
+    sizes = [sum(Shard(k, 3).owns(i) for i in range(10)) for k in range(3)]
+    assert sizes == [4, 3, 3]
+    assert Shard(1, 4).file_name("results.jsonl") == "results.shard-1-of-4.jsonl"
+    assert Shard(0, 1).file_name("results.jsonl") == "results.jsonl"
+    for bad, words in [("3/3", "out of range"), ("-1/2", "out of range"), ("1/0", "out of range")]:
+        with pytest.raises(InputError, match=words):
+            parse_shard(bad)
+    with pytest.raises(InputError, match="write K/N"):
+        parse_shard("half")
+
+
+def test_shard_from_the_environment() -> None:
+    assert shard_from_env({}) is None
+    assert shard_from_env({"RANK": "1", "WORLD_SIZE": "4"}) == Shard(1, 4)
+    # a Slurm array numbered from 1: K is the task id minus the array's first id
+    slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert shard_from_env(slurm) == Shard(2, 3)
+    assert shard_from_env({**slurm, "RANK": "2", "WORLD_SIZE": "3"}) == Shard(2, 3)
+    with pytest.raises(InputError, match="Slurm array says"):
+        shard_from_env({**slurm, "RANK": "0", "WORLD_SIZE": "3"})
+    with pytest.raises(InputError, match="WORLD_SIZE is not"):
+        shard_from_env({"RANK": "0"})
+    with pytest.raises(InputError, match="not an integer"):
+        shard_from_env({"RANK": "a", "WORLD_SIZE": "2"})
+    with pytest.raises(InputError, match="out of range"):
+        shard_from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    # --shard wins over the environment; nothing set is the whole job
+    assert resolve_shard("0/2", {"RANK": "1", "WORLD_SIZE": "4"}) == Shard(0, 2)
+    assert resolve_shard(None, {}) == Shard()
+    assert resolve_shard(None, {"RANK": "0", "WORLD_SIZE": "1"}) == Shard()
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):  # type: ignore[no-untyped-def]
+    return make_tiny("llama", tokenizer, seed=3)
+
+
+MORE = FACTS + [(s + " II", t, n, o) for s, t, n, o in FACTS[:3]]  # 9 records
+
+
+def test_merged_shards_equal_the_unsplit_run(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    records = load_records(easyedit_file(tmp_path / "cf.json", MORE))
+    methods = ["unedited", "test-random"]
+    evaluate(tiny, records, methods, tmp_path / "one", settings=SETTINGS, progress=False)
+    for k in (2, 0, 1):  # any order
+        res = evaluate(
+            tiny,
+            records,
+            methods,
+            tmp_path / "split",
+            settings=SETTINGS,
+            progress=False,
+            shard=Shard(k, 3),
+        )
+        assert res.results_path.name == f"results.shard-{k}-of-3.jsonl"
+        mine = read_results(res.results_path)
+        assert sorted({r["index"] for r in mine}) == [i for i in range(9) if i % 3 == k]
+    assert not (tmp_path / "split" / "results.jsonl").exists()
+    one, split = read_run(tmp_path / "one"), read_run(tmp_path / "split")
+    assert len(split) == 2 * 9
+    # the same lines, each method's in the same (record) order, which is the order the summary
+    # sums in (records are grouped differently: floats may differ in the last bits of a batched
+    # pass, as on resume; everything else is identical)
+    a, b = _untimed(one), _untimed(split)
+    a.sort(key=lambda r: methods.index(r["label"]))  # stable: keeps each method's order
+    b.sort(key=lambda r: methods.index(r["label"]))
+    assert [(r["label"], r["key"]) for r in a] == [(r["label"], r["key"]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        mx, my = x.pop("metrics", {}), y.pop("metrics", {})
+        assert x == y
+        assert _close(mx, my), (mx, my)
+    # the summaries agree (timing column aside)
+    _, _, df_one = write_summary(tmp_path / "one")
+    _, _, df_split = write_summary(tmp_path / "split")
+    keep = [c for c in df_one.columns if "Time per edit" not in c]
+    pd.testing.assert_frame_equal(df_one[keep], df_split[keep], rtol=1e-5)
+    assert json.loads((tmp_path / "split" / "run.json").read_text())["shards"] == 3
+
+
+def test_unbatched_shards_are_exactly_equal(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With one prompt per pass nothing depends on which records share a batch: bit-equal."""
+    from dataclasses import replace
+
+    records = load_records(easyedit_file(tmp_path / "cf.json", MORE))
+    methods = ["unedited", "test-random"]
+    settings = replace(SETTINGS, batch_size=1, group_size=1)
+    evaluate(tiny, records, methods, tmp_path / "one", settings=settings, progress=False)
+    for k in range(2):
+        evaluate(
+            tiny,
+            records,
+            methods,
+            tmp_path / "two",
+            settings=settings,
+            progress=False,
+            shard=Shard(k, 2),
+        )
+    one = {(r["label"], r["key"]): r for r in _untimed(read_run(tmp_path / "one"))}
+    two = {(r["label"], r["key"]): r for r in _untimed(read_run(tmp_path / "two"))}
+    assert one == two and len(one) == 2 * 9
+    _, _, df_one = write_summary(tmp_path / "one")
+    _, _, df_two = write_summary(tmp_path / "two")
+    keep = [c for c in df_one.columns if "Time per edit" not in c]
+    pd.testing.assert_frame_equal(df_one[keep], df_two[keep], check_exact=True)
+
+
+def test_merge_tolerates_only_a_torn_last_line_per_file(tmp_path: Path) -> None:
+    row = {"label": "m", "key": "0", "index": 0, "status": "ok"}
+    (tmp_path / "results.shard-0-of-2.jsonl").write_text(json.dumps(row) + '\n{"label": "m", "k')
+    row1 = dict(row, key="1", index=1)
+    shard1 = tmp_path / "results.shard-1-of-2.jsonl"
+    shard1.write_text(json.dumps(row1) + "\n")
+    assert read_run(tmp_path) == [row, row1]
+    # reading never cuts another process's file
+    assert (tmp_path / "results.shard-0-of-2.jsonl").read_text().endswith('"k')
+    shard1.write_text("garbage\n" + json.dumps(row1) + "\n")
+    with pytest.raises(Exception, match="line 1 is damaged"):
+        read_run(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_cli_shards_from_env_and_layout_check(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    data = easyedit_file(tmp_path / "cf.json")
+    out = tmp_path / "run"
+    base = ["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    base += ["--method", "shift", "--fluency-records", "0", "--ppl-records", "0", "--quiet"]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(base) == 0
+    lines = read_results(out / "results.shard-1-of-2.jsonl")
+    assert {r["index"] for r in lines} == {1, 3, 5}
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main([*base, "--shard", "0/2"]) == 0
+    assert len(read_results(out)) == 2 * 6  # unedited + shift, every record once
+    capsys.readouterr()
+    # another split of the same folder is refused in one line, before anything is written
+    assert main([*base, "--shard", "0/3"]) == 2
+    err = capsys.readouterr().err
+    assert "split into 2 shards" in err and "same N" in err and err.count("\n") == 1
+    assert not (out / "results.shard-0-of-3.jsonl").exists()
+    assert main(base) == 2  # unsplit on a split folder
+    assert "this run is unsplit" in capsys.readouterr().err
+    # a shard with other measuring settings is refused too, even without --resume
+    other = [*base[:-1], "--shard", "1/2", "--overwrite", "--seed", "7"]
+    assert main(other) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert main([*base, "--shard", "2/2"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(base) == 2
+    assert "Slurm array says" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# study and sweep
+
+
+STUDY = [
+    {"prompt": f"{s} {t.split('{}')[-1].strip()}", "subject": s, "target": n}
+    for s, t, n, _ in MORE
+]
+
+
+def test_study_shards_equal_the_unsplit_run(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps(dict(r, id=i)) + "\n" for i, r in enumerate(STUDY)))
+    # one record per capture batch: nothing depends on which records share a batch, so the
+    # aggregate is bit-equal (with larger batches it agrees to float32 rounding, as on resume)
+    kw = {"model": tiny, "n": 9, "batch_size": 1, "progress": False}
+    one = run_study("norms", data, out=tmp_path / "one", **kw)
+    for k in range(3):
+        part = run_study("norms", data, out=tmp_path / "split", shard=Shard(k, 3), **kw)
+    assert part.n_ok == one.n_ok  # the last shard's summary covers every shard
+    assert (tmp_path / "split" / "aggregate.json").read_text() == (
+        tmp_path / "one" / "aggregate.json"
+    ).read_text()
+    assert (tmp_path / "split" / "aggregate.csv").read_text() == (
+        tmp_path / "one" / "aggregate.csv"
+    ).read_text()
+    files = sorted(p.name for p in (tmp_path / "split").glob("raw*.jsonl"))
+    assert files == [f"raw.shard-{k}-of-3.jsonl" for k in range(3)]
+    with pytest.raises(InputError, match="split into 3 shards"):
+        run_study("norms", data, out=tmp_path / "split", shard=Shard(0, 2), **kw)
+
+
+def test_sweep_shards_equal_the_unsplit_sweep(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    records = load_records(easyedit_file(tmp_path / "cf.json", MORE))
+    etas = [0.5, 2.0, 20.0]
+    full = shift_sweep(tiny, records, [0, 1], etas, batch_size=8, progress=False)
+    parts = [
+        shift_sweep(tiny, records, [0, 1], etas, batch_size=8, progress=False, shard=Shard(k, 3))
+        for k in range(3)
+    ]
+    assert [list(p.index) for p in parts] == [[0, 3, 6], [1, 4], [2, 5]]
+    pd.testing.assert_frame_equal(pd.concat(parts).sort_index(), full, check_exact=True)
+
+
+def test_sweep_cli_merges_parts(model_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = easyedit_file(tmp_path / "cf.json", MORE)
+    args = ["sweep", "--model", str(model_dir), "--data", str(data), "--layers", "1,2"]
+    args += ["--etas", "0.5,4", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--shard", "1/2"]) == 0
+    assert "1 of 2 parts" in capsys.readouterr().out
+    assert not (tmp_path / "two" / "sweep.csv").exists()
+    assert main(["sweep", "--summary-only", "--out", str(tmp_path / "two")]) == 2
+    assert "run the missing shard(s) 0/2" in capsys.readouterr().err
+    bad = [a if a != "0.5,4" else "0.5,5" for a in args]
+    assert main([*bad, "--out", str(tmp_path / "two"), "--shard", "0/2"]) == 2
+    assert "different etas" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "two"), "--shard", "0/2"]) == 0
+    assert (tmp_path / "two" / "sweep.csv").read_text() == (
+        tmp_path / "one" / "sweep.csv"
+    ).read_text()
+    assert main(["sweep", "--summary-only", "--out", str(tmp_path / "two")]) == 0
