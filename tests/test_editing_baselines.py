@@ -308,3 +308,24 @@ def test_bad_inputs(tokenizer):  # type: ignore[no-untyped-def]
     edit = get_editor("ft", layer=1, steps=1)(lm, [REQ])
     with pytest.raises(EditError):
         edit.apply(llama.model)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_subject_is_required_before_any_statistics(tokenizer, method, monkeypatch):  # type: ignore[no-untyped-def]
+    """An empty or absent subject is refused before prefixes or key statistics are computed."""
+    import backward_lens.editing.rome as rome_module
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("expensive work started before the subject was checked")
+
+    monkeypatch.setattr(rome_module, "context_prefixes", boom)
+    if method == "memit":
+        import backward_lens.editing.memit as memit_module
+
+        monkeypatch.setattr(memit_module, "context_prefixes", boom)
+    lm = make_tiny("llama", tokenizer)
+    for subject in ("", "  "):
+        with pytest.raises(InputError, match="subject"):
+            get_editor(method, **METHODS[method])(
+                lm, [RewriteRequest(REQ.prompt, subject, " Rome")]
+            )

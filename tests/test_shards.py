@@ -209,8 +209,7 @@ def test_cli_shards_from_env_and_layout_check(
 
 
 STUDY = [
-    {"prompt": f"{s} {t.split('{}')[-1].strip()}", "subject": s, "target": n}
-    for s, t, n, _ in MORE
+    {"prompt": f"{s} {t.split('{}')[-1].strip()}", "subject": s, "target": n} for s, t, n, _ in MORE
 ]
 
 
@@ -266,3 +265,36 @@ def test_sweep_cli_merges_parts(model_dir: Path, tmp_path: Path, capsys) -> None
         tmp_path / "one" / "sweep.csv"
     ).read_text()
     assert main(["sweep", "--summary-only", "--out", str(tmp_path / "two")]) == 0
+
+
+# ------------------------------------------------------------------------------------------
+# the GGUF conversion cache writes sharded safetensors
+
+
+@pytest.mark.slow
+def test_gguf_cache_writes_sharded_safetensors(tmp_path: Path, smollm2) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from backward_lens import models
+
+    gguf = models.BUILTIN_MODELS["smollm2-135m"].gguf_path()
+    entry = tmp_path / "entry"
+    models._convert_gguf(gguf, entry, torch.float32, max_shard_size="200MB")  # ~540 MB model
+    shards = sorted(entry.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (entry / "model.safetensors").exists()
+    index = json.loads((entry / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert all(p.stat().st_size <= 200e6 for p in shards)
+    manifest = json.loads((entry / "manifest.json").read_text())["files"]
+    assert {p.name for p in shards} | {"model.safetensors.index.json"} <= set(manifest)
+    assert models.cache_entry_is_valid(entry)
+    lm = models.load_model(str(entry))
+    ref = dict(smollm2.model.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in lm.model.named_parameters())
+    del lm
+    with shards[1].open("r+b") as f:  # one flipped byte in one shard: the entry is invalid
+        f.seek(shards[1].stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert not models.cache_entry_is_valid(entry)

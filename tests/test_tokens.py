@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from backward_lens.errors import (
@@ -13,6 +12,7 @@ from backward_lens.errors import (
     TargetError,
 )
 from backward_lens.tokens import encode_request
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 def test_single_token_target_with_space_prepended(tokenizer) -> None:

@@ -495,7 +495,7 @@ def _convert_gguf(
         entry: the cache folder to create (replaced only once the new one is complete).
         dtype: the weights' dtype.
         max_shard_size: largest weights file (default :data:`CACHE_MAX_SHARD_SIZE`); weights
-            are written with transformers' ``save_pretrained`` (tied weights stored once).
+            are written by ``huggingface_hub.save_torch_state_dict`` (tied weights once).
 
     Raises:
         ModelNotFoundError: transformers cannot read the file as a GGUF model.
@@ -503,6 +503,7 @@ def _convert_gguf(
     import socket
     import time
 
+    from huggingface_hub import save_torch_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -522,9 +523,11 @@ def _convert_gguf(
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         shard = CACHE_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
-        model.save_pretrained(str(tmp), max_shard_size=shard)  # weights (+ generation config)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))  # ours, no quantization
+        # one model.safetensors, or model-0000K-of-0000N.safetensors + the index; a tensor
+        # shared by two names (tied embeddings) is stored once, as safetensors' save_model did
+        save_torch_state_dict(model.state_dict(), tmp, max_shard_size=shard)
         tokenizer.save_pretrained(str(tmp))
         (tmp / _OWNER).unlink()
         files = {

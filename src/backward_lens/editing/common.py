@@ -7,7 +7,7 @@ Editors never name module paths: the matrix to edit comes from the architecture 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,7 +18,7 @@ from backward_lens import checks
 from backward_lens.adapters import ResolvedMatrix
 from backward_lens.errors import InputError, TargetError
 from backward_lens.models import LensModel
-from backward_lens.tokens import encode_request
+from backward_lens.tokens import encode_request, locate_subject
 
 T = TypeVar("T")
 
@@ -141,3 +141,19 @@ def hparams_of(obj: Any, **resolved: Any) -> dict[str, Any]:
     out = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
     out.update(resolved)
     return out
+
+
+def require_subjects(lm: LensModel, requests: Sequence[Any], method: str) -> None:
+    """Check, before any expensive work, that every request's subject is located in its prompt
+    (``tokens.locate_subject``): ROME and MEMIT key on the subject's last token.
+
+    Raises:
+        InputError: an empty subject, or one the prompt does not contain.
+    """
+    for request in requests:
+        if not request.subject or not request.subject.strip():
+            raise InputError(
+                f"{method} edits at the subject's last token: give the subject, e.g. "
+                "subject='Eiffel Tower' (--subject on the command line)"
+            )
+        locate_subject(lm.tokenizer, request.prompt, request.subject)

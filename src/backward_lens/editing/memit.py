@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from backward_lens.editing.base import Edit, RewriteRequest, register_editor
-from backward_lens.editing.common import check_layer, editor_factory, ff2, hparams_of
+from backward_lens.editing.common import (
+    check_layer,
+    editor_factory,
+    ff2,
+    hparams_of,
+    require_subjects,
+)
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.editing.rome import (
     ValueConfig,
@@ -61,6 +67,7 @@ class MEMIT:
     name = "memit"
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        require_subjects(lm, requests, "MEMIT")
         layers = self.layers if self.layers is not None else editor_defaults(lm, "memit")["layers"]
         if not layers:
             raise InputError("MEMIT needs at least one layer")

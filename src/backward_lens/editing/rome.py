@@ -32,6 +32,7 @@ from backward_lens.editing.common import (
     editor_factory,
     ff2,
     hparams_of,
+    require_subjects,
 )
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.editing.stats import SampleConfig, StopForward, second_moments
@@ -319,6 +320,7 @@ class ROME:
         return SampleConfig(n_samples=self.stats_samples, length=self.stats_length)
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        require_subjects(lm, requests, "ROME")
         layer = self.layer if self.layer is not None else editor_defaults(lm, "rome")["layer"]
         matrix = ff2(lm, layer)
         layer = matrix.resolved.layer

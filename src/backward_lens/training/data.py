@@ -17,6 +17,7 @@ from torch import Tensor
 
 from backward_lens.batching import pad_batch, pad_id
 from backward_lens.errors import DataError
+from backward_lens.tokens import encode_text
 from backward_lens.training.anyloss import IGNORE_INDEX
 
 
@@ -56,14 +57,15 @@ def load_texts(path: str | Path) -> list[str]:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text, cut to ``max_length``.
+    """Token ids of each text (``tokens.encode_text``: BOS once where the tokenizer adds one),
+    cut to ``max_length``.
 
     Raises:
         DataError: a text that tokenises to fewer than 2 tokens (nothing to predict).
     """
     out = []
     for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])[:max_length]
+        ids = encode_text(tokenizer, text)[:max_length]
         if len(ids) < 2:
             raise DataError(f"{text!r} is one token; a training text needs at least two")
         out.append(ids)

@@ -111,7 +111,7 @@ class UpdateReading:
             d = dict(d)
             d["positions"] = [Contributor(**p) for p in d.get("positions", [])]
             dirs.append(DirectionReading(**d))
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"directions"}
         return cls(**{k: v for k, v in data.items() if k in names}, directions=dirs)
 
     @property
