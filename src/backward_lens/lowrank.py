@@ -207,12 +207,16 @@ class LowRankGradient:
         return -lr * self.dense()
 
     def directions(self, k: int = 3) -> GradientDirections:
-        """The top-``k`` singular directions of X^T Delta, from the thin-QR n x n core.
+        """The top-``k`` singular directions of X^T Delta, from n x n Gram matrices.
 
-        With X^T = Q1 R1, Delta^T = Q2 R2 and R1 R2^T = U S V^T, the gradient (``in_out``
-        layout) is (Q1 U) S (Q2 V)^T: left singular vectors ``Q1 U`` live in d_in space, right
-        ones ``Q2 V`` in d_out space. Nothing d_in x d_out is built; the work is O((d_in +
-        d_out) n^2), in float64.
+        With the eigendecomposition X X^T = V L V^T (r non-zero eigenvalues), X^T = U_x L^(1/2)
+        V^T with U_x = X^T V L^(-1/2) orthonormal, so X^T Delta = U_x B with B = L^(1/2) V^T
+        Delta [r, d_out]; B B^T = W S^2 W^T (r x r) gives the gradient's singular values S, its
+        left singular vectors ``U_x W`` (d_in space) and right ones ``B^T W S^-1`` (d_out space).
+        Nothing d_in x d_out is built; the work is two n x n eigendecompositions and
+        O((d_in + d_out) n^2) products, in float64 (the squared condition number of the Gram
+        route costs only the directions with the smallest singular values, far below the top
+        ones that are read).
 
         Singular vectors are defined up to a joint sign flip; the sign is fixed so that the
         positions writing the direction have inputs on its positive side
@@ -229,16 +233,32 @@ class LowRankGradient:
         x, d = self.x.detach().double(), self.delta.detach().double()
         if self.n == 0 or k < 1:
             return GradientDirections.empty(int(x.shape[1]), int(d.shape[1]), self.n)
-        q1, r1 = torch.linalg.qr(x.T)  # [d_in, r], [r, n]
-        q2, r2 = torch.linalg.qr(d.T)  # [d_out, s], [s, n]
-        u, s, vh = torch.linalg.svd(r1 @ r2.T)
-        k = min(k, int((s > 0).sum()))
-        left = (q1 @ u[:, :k]).T  # [k, d_in]
-        right = (q2 @ vh[:k].T).T  # [k, d_out]
-        a, b = x @ left.T, d @ right.T  # [n, k]
-        sign = torch.where((a * b.abs()).sum(0) < 0, -1.0, 1.0).to(a)
-        left, right, a, b = left * sign[:, None], right * sign[:, None], a * sign, b * sign
-        return GradientDirections(s[:k], left, right, a * b, float(s.square().sum().sqrt()))
+        lam, v = torch.linalg.eigh(x @ x.T)  # ascending
+        floor = float(lam[-1]) * max(self.n, *self.shape) * torch.finfo(torch.float64).eps
+        keep = lam > floor
+        lam, v = lam[keep], v[:, keep]
+        if lam.numel() == 0:
+            return GradientDirections.empty(int(x.shape[1]), int(d.shape[1]), self.n)
+        root = lam.sqrt()
+        b = root[:, None] * (v.T @ d)  # [r, d_out]
+        mu, w = torch.linalg.eigh(b @ b.T)
+        mu, w = mu.flip(0).clamp_min(0), w.flip(1)  # descending
+        s = mu.sqrt()
+        norm = float(mu.sum().sqrt())
+        k = min(k, int((s > float(s[0]) * _DIRECTION_RTOL).sum())) if float(s[0]) > 0 else 0
+        if k == 0:
+            return GradientDirections.empty(int(x.shape[1]), int(d.shape[1]), self.n)
+        s, w = s[:k], w[:, :k]
+        left = ((x.T @ (v / root)) @ w).T  # [k, d_in]
+        right = ((b.T @ w) / s).T  # [k, d_out]
+        a, c = x @ left.T, d @ right.T  # [n, k]
+        sign = torch.where((a * c.abs()).sum(0) < 0, -1.0, 1.0).to(a)
+        left, right, a, c = left * sign[:, None], right * sign[:, None], a * sign, c * sign
+        return GradientDirections(s, left, right, a * c, norm)
+
+
+_DIRECTION_RTOL = 1e-10
+"""Singular values below this fraction of the largest are treated as zero by ``directions``."""
 
 
 @dataclass
