@@ -2,7 +2,7 @@
 batch is retried elsewhere, resume works, and the core package does not need Ray.
 
 Each test starts a local Ray cluster of 2 workers (1 CPU and 1 torch thread each) on a tiny
-random model saved to a folder; the whole file takes about a minute.
+random model saved to a folder; the whole file takes 2-3 minutes on 2 busy cores.
 """
 
 from __future__ import annotations

@@ -298,3 +298,41 @@ def test_gguf_cache_writes_sharded_safetensors(tmp_path: Path, smollm2) -> None:
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
     assert not models.cache_entry_is_valid(entry)
+
+
+# ------------------------------------------------------------------------------------------
+# big models: capture less, project a memory budget at a time
+
+
+def test_explain_matrices_and_lens_budget(tiny) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from backward_lens.explain import explain
+    from backward_lens.lens import LOGIT_CHUNK_BYTES
+
+    full = explain(tiny, "The mother tongue of Danielle Darrieux is", " French", layers=[0, 2])
+    less = explain(
+        tiny,
+        "The mother tongue of Danielle Darrieux is",
+        " French",
+        layers=[0, 2],
+        matrices=["ff1", "ff2"],
+    )
+    assert [lr.gate is not None for lr in full.layers] == [True, True]  # llama: gated MLP
+    assert [lr.gate for lr in less.layers] == [None, None]
+    for a, b in zip(full.layers, less.layers, strict=True):
+        assert a.ff1 == b.ff1 and a.ff2 == b.ff2  # the same readings, without the gate
+    with pytest.raises(InputError, match="explain reads ff1 and ff2"):
+        explain(tiny, "The Louvre is in", " Paris", matrices=["ff2"])
+    # the lens: any budget gives the same projection; the default budget is 32 MiB of logits
+    vectors = torch.randn(
+        50, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    ref = tiny.lens.project(vectors, k=4, target=7)
+    one_row = tiny.lens.project(vectors, k=4, target=7, max_chunk_bytes=1)  # one row a chunk
+    assert torch.equal(ref.top_ids, one_row.top_ids) and torch.equal(
+        ref.bottom_ids, one_row.bottom_ids
+    )
+    assert torch.equal(ref.target_rank, one_row.target_rank)
+    torch.testing.assert_close(ref.top_probs, one_row.top_probs, rtol=1e-5, atol=1e-7)
+    assert LOGIT_CHUNK_BYTES == 32 << 20

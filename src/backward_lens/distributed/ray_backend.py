@@ -186,7 +186,16 @@ class _Pool:
         if not self.ray.is_initialized():
             env = {"OMP_NUM_THREADS": str(cluster.threads), "MKL_NUM_THREADS": str(cluster.threads)}
             if address:
-                self.ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+                try:
+                    self.ray.init(
+                        address=address, runtime_env={"env_vars": env}, log_to_driver=False
+                    )
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                    raise InputError(
+                        f"cannot reach the Ray cluster at {address!r} ({first[:200]}); check "
+                        "--ray-address / RAY_ADDRESS, or drop them to start a local cluster"
+                    ) from None
             else:
                 workers = cluster.workers or 1
                 self.ray.init(
