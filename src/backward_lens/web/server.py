@@ -230,8 +230,11 @@ class _Housekeeper:
         with self._lock:
             self._armed.pop(sock, None)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the housekeeping thread and wait for it (at most ``timeout`` seconds)."""
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
@@ -404,6 +407,12 @@ class ViewerServer(HTTPServer):
         for _ in self._workers:
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
+        # Wait for the workers (each finishes its request, then takes its None) and the
+        # housekeeper: daemon threads still running at interpreter exit can abort the process.
+        deadline = time.monotonic() + self.options.timeout
+        for t in self._workers:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
         self.housekeeper.stop()
 
 
