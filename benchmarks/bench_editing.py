@@ -27,12 +27,9 @@ from backward_lens.editing import RewriteRequest, get_editor
 from backward_lens.errors import InputError
 from backward_lens.evaluation import EvalSettings, evaluate
 from backward_lens.models import load_model
-from timing import median_time
+from timing import COUNTERFACT_EDIT, median_time
 
-DEFAULT_DATA = str(
-    Path(__file__).resolve().parents[1].parent
-    / "shared/data/counterfact/easyedit_format/counterfact-edit.json"
-)
+DEFAULT_DATA = COUNTERFACT_EDIT
 
 
 def main() -> None:

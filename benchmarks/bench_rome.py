@@ -17,7 +17,6 @@ import os
 import pstats
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,11 +26,9 @@ from backward_lens.editing import RewriteRequest, get_editor
 from backward_lens.editing import rome as rome_module
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.models import load_model
+from timing import COUNTERFACT_EDIT
 
-DEFAULT_DATA = str(
-    Path(__file__).resolve().parents[1].parent
-    / "shared/data/counterfact/easyedit_format/counterfact-edit.json"
-)
+DEFAULT_DATA = COUNTERFACT_EDIT
 
 
 def main() -> None:

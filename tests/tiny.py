@@ -11,7 +11,7 @@ from backward_lens.models import LensModel, wrap
 
 V = 49152  # the SmolLM2 tokenizer's vocabulary, shared by every tiny model
 
-_GATED = dict(
+GATED = dict(
     hidden_size=32,
     intermediate_size=48,
     num_hidden_layers=3,
@@ -54,15 +54,15 @@ TINY_CONFIGS: dict[str, Any] = {
         word_embed_proj_dim=32,
         dropout=0.0,
     ),
-    "llama": lambda: tf.LlamaConfig(**_GATED),
-    "mistral": lambda: tf.MistralConfig(**_GATED),
-    "qwen2": lambda: tf.Qwen2Config(**_GATED),
-    "qwen3": lambda: tf.Qwen3Config(**_GATED),
-    "gemma": lambda: tf.GemmaConfig(**_GATED),
-    "gemma2": lambda: tf.Gemma2Config(**_GATED, final_logit_softcapping=30.0),
-    "gemma3_text": lambda: tf.Gemma3TextConfig(**_GATED, final_logit_softcapping=30.0),
-    "phi3": lambda: tf.Phi3Config(**_GATED, pad_token_id=0),
-    "olmo2": lambda: tf.Olmo2Config(**_GATED),
+    "llama": lambda: tf.LlamaConfig(**GATED),
+    "mistral": lambda: tf.MistralConfig(**GATED),
+    "qwen2": lambda: tf.Qwen2Config(**GATED),
+    "qwen3": lambda: tf.Qwen3Config(**GATED),
+    "gemma": lambda: tf.GemmaConfig(**GATED),
+    "gemma2": lambda: tf.Gemma2Config(**GATED, final_logit_softcapping=30.0),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**GATED, final_logit_softcapping=30.0),
+    "phi3": lambda: tf.Phi3Config(**GATED, pad_token_id=0),
+    "olmo2": lambda: tf.Olmo2Config(**GATED),
 }
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import transformers as tf
 
+from tests.tiny import GATED
+
 _TEXT = [
     "The Eiffel Tower is located in the city of Paris Rome London Berlin",
     "Danielle Darrieux's mother tongue is French English German",
@@ -44,14 +46,7 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
     config = tf.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=128,
+        **{**GATED, "vocab_size": len(tokenizer)},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -7,16 +7,10 @@ from typing import Any
 import numpy as np
 
 from backward_lens.study.figures import png_bytes, pyplot
-from backward_lens.study.segments import SEGMENT_LABELS
+from backward_lens.study.segments import SEGMENT_LABELS, SEGMENTS
 
-ROME_SEGMENTS = (
-    "first_subject",
-    "middle_subject",
-    "last_subject",
-    "first_subsequent",
-    "further",
-    "last",
-)
+ROME_SEGMENTS = SEGMENTS[SEGMENTS.index("first_subject") :]
+"""ROME's six token segments (the study's, without ``bos`` and ``prefix``)."""
 TITLES = {
     "hidden": "single restored layer (hidden state)",
     "mlp": "restored MLP",
