@@ -31,10 +31,12 @@ PROMPT = "The Eiffel Tower, built in 1889 for the World's Fair, is located in th
 
 
 def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
+    """:func:`timing.median_time` with 2 warm-up runs by default (seconds)."""
     return median_time(fn, repeat, warmup)
 
 
 def bench_capture(lm: LensModel, repeat: int) -> None:
+    """Print ratios (a)-(d) for ``lm`` on :data:`PROMPT` (see the module docstring)."""
     request = encode_request(lm.tokenizer, PROMPT, " Rome")
     ids = torch.tensor([request.input_ids])
     print(f"model {lm.name}, prompt of {len(request.input_ids)} tokens, {lm.n_layers} layers")
@@ -105,6 +107,10 @@ def bench_capture(lm: LensModel, repeat: int) -> None:
 
 
 def bench_load() -> None:
+    """Print (e): the first load of SmolLM2-135M (GGUF conversion) over a cached one.
+
+    The conversion cache is a temporary folder (``BACKWARD_LENS_CACHE``), restored afterwards.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         old = os.environ.get("BACKWARD_LENS_CACHE")
         os.environ["BACKWARD_LENS_CACHE"] = tmp
@@ -127,6 +133,11 @@ def bench_load() -> None:
 
 
 def bench_transformer_lens(tokenizer: object, repeat: int) -> None:
+    """Print (f): TransformerLens's ``run_with_cache(incl_bwd=True)`` time over our capture.
+
+    Both run on the same random GPT-2 small; skipped with a note if ``transformer_lens`` is not
+    installed.
+    """
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
@@ -171,6 +182,7 @@ def bench_transformer_lens(tokenizer: object, repeat: int) -> None:
 
 
 def main() -> None:
+    """Parse the command line and print every benchmark's ratio."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--skip-load", action="store_true", help="skip (e), which converts again")

@@ -32,6 +32,7 @@ DEFAULT_DATA = COUNTERFACT_EDIT
 
 
 def main() -> None:
+    """Parse the command line and print ROME's time per edit before and after the LEAN changes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -86,9 +87,12 @@ def main() -> None:
 
 
 def parts(lm: Any, request: RewriteRequest, repeat: int) -> None:
-    """Median time of the key pass and of the value set-up (recording pass + one step), with
-    LEAN off and on, alternating."""
-    from backward_lens.editing.common import ff2
+    """Print the median time of ROME's key pass and value set-up, with LEAN off and on.
+
+    The value set-up is the recording pass plus one optimisation step; the settings alternate,
+    ``repeat`` times each, so that a loaded machine's noise hits both alike.
+    """
+    from backward_lens.editing.matrix import ff2
 
     layer = get_editor("rome").layer or editor_defaults(lm, "rome")["layer"]
     matrix = ff2(lm, layer)

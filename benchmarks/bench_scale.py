@@ -58,6 +58,7 @@ def load() -> str:
 
 
 def mem_available_gib() -> float:
+    """The kernel's ``MemAvailable`` in GiB (0.0 if ``/proc/meminfo`` does not say)."""
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) / 2**20
@@ -69,6 +70,7 @@ def mem_available_gib() -> float:
 
 
 def bench_workers(n: int, data: Path) -> None:
+    """Print the ``workers`` measurements (see the module docstring) on the first ``n`` records."""
     import torch
 
     from backward_lens.data import load_records
@@ -90,7 +92,7 @@ def bench_workers(n: int, data: Path) -> None:
 
         marks: dict[str, float]
 
-        def compute(self, exp: Any, pending: Any, options: Any, batch_size: int,
+        def compute(self, exp: Any, pending: Any, done: Any, options: Any,
                     write: Any, progress: bool) -> None:  # fmt: skip
             self.marks = {"startup": self.startup_seconds or 0.0, "t0": time.perf_counter()}
 
@@ -98,7 +100,7 @@ def bench_workers(n: int, data: Path) -> None:
                 write(r)
                 self.marks["t1"] = time.perf_counter()
 
-            super().compute(exp, pending, options, batch_size, timed_write, progress)
+            super().compute(exp, pending, done, options, timed_write, progress)
 
     with tempfile.TemporaryDirectory() as tmp:
         lm = load_model("smollm2-135m")
@@ -281,6 +283,13 @@ def one_size(size: str, tokens: list[int], tool: str) -> None:
 
 
 def bench_explain(sizes: list[str], tokens: list[int], tl: bool) -> None:
+    """Print the ``explain`` measurements for each size in ``sizes`` (one subprocess per tool).
+
+    Args:
+        sizes: keys of :data:`SIZES`; Llama-2-7B runs only with 18 GiB available.
+        tokens: prompt lengths to time (Llama-2-7B: the first only).
+        tl: also time TransformerLens on the GPT-2 sizes.
+    """
     rows = []
     print(f"load before: {load()}")
     for size in sizes:
@@ -316,6 +325,7 @@ def bench_explain(sizes: list[str], tokens: list[int], tl: bool) -> None:
 
 
 def main() -> None:
+    """Parse the command line and run one measurement (``_one`` is the per-size subprocess)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     w = sub.add_parser("workers")

@@ -36,16 +36,24 @@ DATA = Path(__file__).resolve().parents[1] / "docs" / "results" / "training" / "
 
 
 class StepClock(TrainerCallback):
-    """Wall time of each optimizer step (two instances: one first, one last in the list)."""
+    """Wall time of each optimizer step (two instances: one first, one last in the list).
+
+    Args:
+        times: where the ``end`` instance appends each step's seconds.
+        starts: where the first instance appends each step's start (``perf_counter``).
+        end: True for the instance placed last (it stops the clock), False for the first.
+    """
 
     def __init__(self, times: list[float], starts: list[float], end: bool) -> None:
         self.times, self.starts, self.end = times, starts, end
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        """Start the clock (first instance only)."""
         if not self.end:
             self.starts.append(time.perf_counter())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        """Stop the clock after every other callback's ``on_step_end`` (last instance only)."""
         if self.end:
             self.times.append(time.perf_counter() - self.starts[-1])
 
@@ -62,6 +70,18 @@ def sequences(tokenizer: Any, n: int, length: int) -> list[list[int]]:
 def run(
     lm: Any, state: dict[str, torch.Tensor], every: int | None, a: argparse.Namespace
 ) -> dict[str, Any]:
+    """Fine-tune from ``state`` for ``a.steps + 2`` steps, reading every ``every``-th step.
+
+    Args:
+        lm: the model (its weights are reset to ``state`` first).
+        state: the initial weights, the same for every setting.
+        every: the lens's reading period, or None for no lens.
+        a: the parsed command line.
+
+    Returns:
+        ``median`` and ``mean`` step seconds of steps 2 to ``steps + 1``, ``nbytes`` (the largest
+        read step's kept factors) and ``read_s`` (median seconds of one reading, 0 without lens).
+    """
     lm.model.load_state_dict(state)
     lm.model.requires_grad_(True)
     times: list[float] = []
@@ -121,6 +141,7 @@ def run(
 
 
 def main() -> None:
+    """Parse the command line, run the three settings and print their ratios and memory."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None)

@@ -31,6 +31,11 @@ TARGET = " Rome"
 
 
 def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST ``body`` as JSON to ``url`` and return the decoded JSON reply (10-minute timeout).
+
+    Raises:
+        urllib.error.HTTPError: the server answered with an error status.
+    """
     req = urllib.request.Request(url, json.dumps(body).encode(), method="POST")
     req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=600) as resp:
@@ -38,6 +43,7 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def timed(fn: Any, repeat: int) -> tuple[float, Any]:
+    """Median seconds of ``repeat`` calls of ``fn`` (no warm-up), and the last call's result."""
     times, out = [], None
     for _ in range(repeat):
         t = time.perf_counter()
@@ -47,6 +53,7 @@ def timed(fn: Any, repeat: int) -> tuple[float, Any]:
 
 
 def main() -> None:
+    """Start the viewer on a free port and print the median latency of each request kind."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--model", default="smollm2-135m")

@@ -46,8 +46,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _readonly(tmp: Path) -> Path:
-    """A folder in which no file can be created: chmod 555 normally; for root, who ignores
-    permissions, a path under /proc (where nothing can be created)."""
+    """A folder in which no file can be created.
+
+    That is chmod 555 normally; for root, who ignores permissions, a path under /proc (where
+    nothing can be created).
+    """
     if os.geteuid() == 0:
         return Path("/proc/backward-lens-test")
     folder = tmp / "readonly"
@@ -309,6 +312,10 @@ CASES: list[Case] = [
     c(*SW, "--layers", "0-2:x"),
     c(*SW, "--min-efficacy", "2"),
     c(*SW, "--min-efficacy", "nan"),
+    c(*SW, "--fluency-records", "-1"),
+    c(*SW, "--ppl-texts", "999"),
+    c(*SW, "--max-entropy-drop", "2"),
+    c(*SW, "--max-perplexity-rise", "nan"),
     c(*SW, "--records", "0"),
     c(*SW, "--batch-size", "-1"),
     c("sweep", "--model", M, "--data", "rec.jsonl", "--out", "afile"),

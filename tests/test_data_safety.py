@@ -91,8 +91,10 @@ def test_cli_save_into_folder_with_notes_exits_2(
 def test_save_replaces_a_saved_edit_with_no_moment_without_one(
     lm: LensModel, tmp_path: Path
 ) -> None:
-    """A reader polling the folder while it is replaced 30 times always finds a complete edit
-    (the old or the new one), and the final edit is the last one saved."""
+    """A reader polling the folder while it is replaced 30 times always finds a complete edit.
+
+    It finds the old or the new one, and the final edit is the last one saved.
+    """
     path = tmp_path / "edit"
     edits = [_edit(lm, eta=0.1 + 0.01 * i) for i in range(3)]
     edits[0].save(path)
@@ -124,8 +126,10 @@ def test_save_replaces_a_saved_edit_with_no_moment_without_one(
 def test_save_fallback_restores_the_old_edit_when_the_move_fails(
     lm: LensModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without renameat2, the old edit is renamed aside; if moving the new one in fails it comes
-    back, unchanged."""
+    """Without renameat2, the old edit is renamed aside; it comes back if the swap fails.
+
+    If moving the new one in fails, the old edit is restored unchanged.
+    """
     import backward_lens.editing.base as base
 
     path = tmp_path / "edit"
@@ -164,8 +168,10 @@ def _flip_last_byte(p: Path) -> None:
 
 
 def _rewrite_deltas(path: Path, deltas: dict[str, torch.Tensor], shapes: bool = True) -> None:
-    """Replace the deltas and keep edit.json consistent (checksum, and shapes if asked): a
-    damaged edit that only the model-side checks can catch."""
+    """Replace the deltas and keep edit.json consistent (checksum, and shapes if asked).
+
+    The result is a damaged edit that only the model-side checks can catch.
+    """
     from safetensors.torch import save_file
 
     from backward_lens.editing.base import _file_sha256
@@ -295,8 +301,10 @@ def test_every_record_gets_a_row_and_resume_keeps_them(
     ids: list[object] | None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The issue's reproduction: 20 records without ids (or with duplicate ids) give 20 rows per
-    method, and --resume keeps all of them (it used to leave 2)."""
+    """The issue's reproduction: 20 records without ids give 20 rows per method.
+
+    The same holds with duplicate ids, and --resume keeps all of them (it used to leave 2).
+    """
     data = _records_file(tmp_path, 20, ids)
     out = tmp_path / "ev"
     base = ["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
@@ -334,11 +342,15 @@ def test_resume_refuses_a_damaged_middle_line_and_repairs_only_a_torn_tail(
     assert keys == [(r["label"], r["key"]) for r in map(json.loads, good.splitlines())]
 
 
+@pytest.mark.integration  # kills a real run with SIGKILL
 def test_kill_9_during_evaluate_then_resume_keeps_every_finished_row(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    """A real run is killed with SIGKILL after it has written a few rows; the resumed run keeps
-    every byte of those rows and completes the rest, one row per (method, record)."""
+    """A real run is killed with SIGKILL after it has written a few rows, then resumed.
+
+    The resumed run keeps every byte of those rows and completes the rest, one row per (method,
+    record).
+    """
     n = 8
     data = _records_file(tmp_path, n)
     out = tmp_path / "ev"
@@ -381,23 +393,27 @@ _HANG = """
 import sys, time
 from pathlib import Path
 import torch, transformers
-from backward_lens import models
+from backward_lens import gguf_cache
 
 def hang(*args, **kwargs):
     time.sleep(600)
 
 transformers.AutoTokenizer.from_pretrained = hang
 gguf, entry = Path(sys.argv[1]), Path(sys.argv[2])
-models._convert_gguf(gguf, entry, torch.float32)
+gguf_cache.convert_gguf(gguf, entry, torch.float32)
 """
 
 
+@pytest.mark.integration  # kills a real run with SIGKILL
 def test_kill_9_during_conversion_leaves_a_temporary_the_next_conversion_removes(
     tmp_path: Path,
 ) -> None:
-    """A conversion killed with SIGKILL leaves ``<entry>.tmp-*`` with its owner's pid; the next
-    conversion's clean-up removes it, but keeps the temporary of a conversion still running."""
-    from backward_lens.models import remove_stale_temporaries
+    """A conversion killed with SIGKILL leaves ``<entry>.tmp-*`` with its owner's pid.
+
+    The next conversion's clean-up removes it, but keeps the temporary of a conversion still
+    running.
+    """
+    from backward_lens.gguf_cache import remove_stale_temporaries
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\x00" * 64)
@@ -444,33 +460,33 @@ def _host() -> str:
 def test_cached_conversion_cleans_up_and_refuses_unusable_cache_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from backward_lens import models
+    from backward_lens import gguf_cache
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\x00" * 64)
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    entry = models.cache_entry(gguf, torch.float32)
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    entry = gguf_cache.cache_entry(gguf, torch.float32)
     stale = entry.parent / f"{entry.name}.tmp-dead"
     stale.mkdir(parents=True)
     (stale / "owner.json").write_text(json.dumps({"pid": _dead_pid(), "host": _host()}))
     calls: list[Path] = []
-    monkeypatch.setattr(models, "_convert_gguf", lambda g, e, d: calls.append(e))
-    assert models._cached_conversion(gguf, torch.float32) == entry
+    monkeypatch.setattr(gguf_cache, "convert_gguf", lambda g, e, d: calls.append(e))
+    assert gguf_cache.cached_conversion(gguf, torch.float32) == entry
     assert calls == [entry] and not stale.exists()
     # an entry path taken by a file
     entry.parent.mkdir(parents=True, exist_ok=True)
     entry.write_text("a file")
     with pytest.raises(CacheError, match="is a file"):
-        models._cached_conversion(gguf, torch.float32)
+        gguf_cache.cached_conversion(gguf, torch.float32)
     assert entry.read_text() == "a file"
     # a cache root under a file
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "m.gguf" / "cache"))
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "m.gguf" / "cache"))
     with pytest.raises(CacheError, match="it is a file"):
-        models._cached_conversion(gguf, torch.float32)
+        gguf_cache.cached_conversion(gguf, torch.float32)
     # not GGUF at all
     (tmp_path / "fake.gguf").write_text("hello")
     with pytest.raises(Exception, match="not a GGUF file"):
-        models._cached_conversion(tmp_path / "fake.gguf", torch.float32)
+        gguf_cache.cached_conversion(tmp_path / "fake.gguf", torch.float32)
 
 
 def _dead_pid() -> int:
@@ -489,8 +505,11 @@ def test_damaged_results_file_is_a_data_error(tmp_path: Path) -> None:
 
 
 def test_explain_outputs_are_written_all_or_nothing(tmp_path: Path) -> None:
-    """``explain`` writes its files through ``atomic_write_many``: when a later file fails, an
-    earlier one is not overwritten and folders made for the run are removed again."""
+    """``explain`` writes its files through ``atomic_write_many``.
+
+    When a later file fails, an earlier one is not overwritten and folders made for the run are
+    removed again.
+    """
     from backward_lens.io import atomic_write_many
 
     (tmp_path / "f").write_text("a file")
@@ -511,8 +530,11 @@ def test_explain_outputs_are_written_all_or_nothing(tmp_path: Path) -> None:
 
 
 def test_save_removes_only_stale_leftovers_of_killed_saves(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A save killed mid-write leaves ``.NAME.new-*``: the next save removes it once it is
-    stale (an hour untouched), never a young one (a save in progress) nor ``.NAME.old-*``."""
+    """A save killed mid-write leaves ``.NAME.new-*``; the next save removes it once stale.
+
+    Stale means an hour untouched; a young one (a save in progress) is never removed, nor is
+    ``.NAME.old-*``.
+    """
     import os
     import time
 

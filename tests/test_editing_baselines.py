@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from backward_lens.editing import Edit, RewriteRequest, get_editor
-from backward_lens.editing.common import edit_tokens, ff2
 from backward_lens.editing.finetune import (
     target_nll,
     target_nll_from_hidden,
     teacher_forced_batch,
 )
+from backward_lens.editing.matrix import ff2
+from backward_lens.editing.request_tokens import edit_tokens
 from backward_lens.editing.rome import (
     ValueConfig,
     average_key,
@@ -21,7 +22,7 @@ from backward_lens.editing.rome import (
     prompts_at_subject,
 )
 from backward_lens.editing.stats import SampleConfig, second_moments
-from backward_lens.editing.upper import UpperBlocks
+from backward_lens.editing.upper_layers import UpperBlocks
 from backward_lens.errors import EditError, InputError
 from backward_lens.tokens import locate_subject
 from tests.tiny import make_tiny
@@ -79,8 +80,10 @@ def test_edit_touches_only_intended_parameters(tokenizer, family, method, tmp_pa
     assert all(torch.equal(edited[k], v) for k, v in fresh.model.named_parameters())
 
 
-def test_ft_first_step_is_adams_first_step(tokenizer):  # type: ignore[no-untyped-def]
-    lm = make_tiny("llama", tokenizer)
+def test_ft_first_step_is_adams_first_step(smollm2_tokenizer):  # type: ignore[no-untyped-def]
+    # SmolLM2's tokenizer (integration tier): the tolerance below fits this random model, whose
+    # gradient has no entry near Adam's epsilon 1e-8; the code-built tokenizer's model has one.
+    lm = make_tiny("llama", smollm2_tokenizer)
     lr = 1e-3
     matrix = ff2(lm, 1)
     tokens = [edit_tokens(lm, r.prompt, r.target_new) for r in (REQ, REQ2)]
@@ -107,8 +110,11 @@ def test_ft_first_step_is_adams_first_step(tokenizer):  # type: ignore[no-untype
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 def test_ft_loss_from_upper_blocks_equals_full_model(tokenizer, family):  # type: ignore[no-untyped-def]
-    """FT's loss and weight gradient from the blocks above the layer and the head at the
-    target positions only equal those of whole-model logits (padded batch of two)."""
+    """FT's loss and weight gradient equal those of whole-model logits (padded batch of two).
+
+    They are computed from the blocks above the layer and the head at the target positions
+    only.
+    """
     lm = make_tiny(family, tokenizer)
     tokens = [edit_tokens(lm, r.prompt, r.target_new) for r in (REQ, REQ2)]
     ids, mask, labels = teacher_forced_batch(lm, tokens)
@@ -234,8 +240,10 @@ def _value_by_full_passes(lm, module, request, prefixes, config):  # type: ignor
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 def test_value_optimisation_equals_full_forward_passes(tokenizer, family):  # type: ignore[no-untyped-def]
-    """Running only the upper blocks, with the head only at the scored positions, gives the
-    losses and delta of plain whole-model passes (padded batch, multi-token target)."""
+    """Running only the upper blocks gives the losses and delta of whole-model passes.
+
+    The head runs only at the scored positions (padded batch, multi-token target).
+    """
     lm = make_tiny(family, tokenizer)
     request = RewriteRequest(REQ.prompt, REQ.subject, " Rome and Paris")
     prefixes = ["", "A short one. ", "A rather longer prefix sentence here. "]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from backward_lens.editing import Edit, RewriteRequest, get_editor
-from backward_lens.editing.common import ff2
-from backward_lens.editing.upper import UpperBlocks
+from backward_lens.editing.matrix import ff2
+from backward_lens.editing.upper_layers import UpperBlocks
 from backward_lens.errors import EditError, InputError
 from tests.tiny import TINY_CONFIGS, make_tiny
 

@@ -16,7 +16,7 @@ import torch
 
 from backward_lens.capture import Capture, capture
 from backward_lens.editing import RewriteRequest
-from backward_lens.editing.common import edit_tokens
+from backward_lens.editing.request_tokens import edit_tokens
 from backward_lens.editing.rome import prompts_at_subject
 from backward_lens.errors import MultiTokenTargetError
 from backward_lens.evaluation.scoring import score_targets
@@ -86,7 +86,7 @@ def test_target_is_the_token_after_the_prompt_at_every_entry_point(pair) -> None
     first = capture(lm, P, " Rome", multi_token="first")
     assert isinstance(first, Capture) and first.target_id == rome
     e = explain(lm, P, " Rome", top_k=2)
-    assert e.target["token_id"] == rome and e.target["token"] == " Rome"
+    assert e.target.token_id == rome and e.target.token == " Rome"
     assert e.token_ids == list(tok(P)["input_ids"])
     # scoring (evaluation, sweep and the study's original-rank score through it)
     (score,) = score_targets(lm, [(P + " ", "Rome")])
@@ -147,7 +147,7 @@ def test_subject_with_surrounding_spaces_one_answer(pair) -> None:  # type: igno
 
 
 def test_labels_of_byte_pieces_are_distinct_and_json_has_ids(pair) -> None:  # type: ignore[no-untyped-def]
-    """Issue 9 item 7: no '\\ufffd' labels; different ids never share a label here."""
+    r"""Issue 9 item 7: no '\ufffd' labels; different ids never share a label here."""
     _, lm = pair
     prompt = "東京タワーは🗼 and 🍣 are in the city of"
     e = explain(lm, prompt, " Tokyo", multi_token="first", top_k=1)
@@ -191,7 +191,7 @@ def test_teacher_forced_ranks_each_position_against_its_own_token() -> None:
     """Issue 9 item 5: the last position is trained to emit ' York', and ranks ' York'."""
     lm = make_tiny("llama", real_tokenizer("gpt-2"))
     e = explain(lm, P, " New York", multi_token="teacher_forced", top_k=1)
-    new, york = e.target["trained_token_ids"]
+    new, york = e.target.trained_token_ids
     assert token_labels(lm.tokenizer, [new, york]) == [" New", " York"]
     cap = capture(lm, P, " New York", multi_token="teacher_forced")
     assert isinstance(cap, Capture)
@@ -230,12 +230,14 @@ def test_train_mode_model_scores_like_eval_mode(tokenizer) -> None:  # type: ign
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_prompt_ending_in_space_reads_like_the_spaced_target(name, request) -> None:  # type: ignore[no-untyped-def]
-    """Issue 9 item 2 on the real models: "...city of " + "Rome" is "...city of" + " Rome"
-    (it trained on a lone space token and the no-space "Rome": P(target) 760x lower)."""
+    """Issue 9 item 2 on the real models: "...city of " + "Rome" is "...city of" + " Rome".
+
+    It used to train on a lone space token and the no-space "Rome": P(target) 760x lower.
+    """
     lm = request.getfixturevalue(name)
     spaced = explain(lm, P + " ", "Rome", layers=[-1], top_k=1)
     plain = explain(lm, P, " Rome", layers=[-1], top_k=1)
     assert spaced.tokens == plain.tokens and spaced.target == plain.target
-    assert spaced.target["token"] == " Rome"
+    assert spaced.target.token == " Rome"
     assert spaced.target_prob == pytest.approx(plain.target_prob, rel=1e-5)
     assert spaced.prediction == plain.prediction

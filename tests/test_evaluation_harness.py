@@ -12,7 +12,7 @@ import torch
 
 from backward_lens.cli import main
 from backward_lens.data import load_records
-from backward_lens.editing.base import EDITORS, Edit, RewriteRequest
+from backward_lens.editing import EDITORS, Edit, RewriteRequest
 from backward_lens.errors import InputError
 from backward_lens.evaluation import EvalSettings, evaluate, read_results, write_summary
 from backward_lens.evaluation.metrics import RecordPrompts

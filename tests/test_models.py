@@ -11,13 +11,8 @@ import transformers as tf
 
 from backward_lens.adapters import ADAPTERS, Architecture, supported_model_types
 from backward_lens.errors import ModelNotFoundError, UnsupportedArchitectureError
-from backward_lens.models import (
-    BUILTIN_MODELS,
-    cache_entry,
-    cache_entry_is_valid,
-    load_model,
-    wrap,
-)
+from backward_lens.gguf_cache import cache_entry, cache_entry_is_valid
+from backward_lens.models import BUILTIN_MODELS, load_model, wrap
 
 
 def test_unknown_name_missing_file_and_bad_folder(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_lemma_5_1_vjp_at_the_final_hidden_state(smollm2: LensModel, eiffel: Cap
 
 def test_explain_reads_rome_as_the_shift_of_the_last_token(smollm2: LensModel) -> None:
     expl = explain(smollm2, PROMPT, " Rome", top_k=3)
-    assert expl.prediction["token"] == " Paris" and expl.target["token"] == " Rome"
+    assert expl.prediction.token == " Paris" and expl.target.token == " Rome"
     top = expl.layers[-2]
     assert top.ff2.positions[-1].bottom[0] == " Rome"
     assert top.ff2.positions[-1].target_rank == smollm2.vocab_size - 1

@@ -120,8 +120,11 @@ def test_half_model_lens_sees_edited_weights(tokenizer: Any) -> None:
 
 
 def _assert_same_side_but_near_ties(lm32: LensModel, lm16: LensModel, vectors: torch.Tensor) -> int:
-    """Every token off a near-tie is on the same side of the target in both lenses; returns how
-    many (row, token) pairs were compared."""
+    """Every token off a near-tie is on the same side of the target in both lenses.
+
+    Returns:
+        How many (row, token) pairs were compared.
+    """
     l32, l16 = lm32.lens.logits(vectors), lm16.lens.logits(vectors)
     target = l32.argsort(-1, descending=True)[:, 100]  # a mid-ranking target per row
     norms, weight, _ = lm32.lens._float32_head()
@@ -167,8 +170,10 @@ def test_smollm2_ranks_and_lens_in_half_precision(smollm2: LensModel) -> None:
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
 def test_half_model_loss_is_computed_in_float32(model_type: str, tokenizer: Any) -> None:
-    """The capture's logits and loss come from the head's input through a float32 head (with
-    Gemma's soft-capping), not from the model's bfloat16 logits."""
+    """The capture's logits and loss come from the head's input through a float32 head.
+
+    The head includes Gemma's soft-capping; the model's bfloat16 logits are not used.
+    """
     lm = make_tiny(model_type, tokenizer)
     lm.model.to(torch.bfloat16)
     prompt = "The Eiffel Tower is located in the city of"

@@ -1,17 +1,23 @@
-"""The Ray backend (``--workers``): same lines and metrics as one process, a killed worker's
-batch is retried elsewhere, resume works, and the core package does not need Ray.
+"""The Ray backend (``--workers``): the same lines and metrics as one process.
 
-Each test starts a local Ray cluster of 2 workers (1 CPU and 1 torch thread each) on a tiny
-random model saved to a folder; the whole file takes 2-3 minutes on 2 busy cores.
+A killed worker's batch is retried elsewhere, resume works, and the core package does not need
+Ray. Each test starts a local Ray cluster of 2 workers (1 CPU and 1 torch thread each) on a tiny
+random model saved to a folder; the whole file takes 3-4 minutes on 2 busy cores. Workers and
+one process compute the same batches (groups of records depend on positions only), so with the
+same torch thread count their lines are bit-equal, not just close.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +28,10 @@ from backward_lens.cli import main
 from backward_lens.data import load_records
 from backward_lens.evaluation import EvalSettings, evaluate, read_results
 from backward_lens.evaluation.harness import read_run
-from tests.test_evaluation_harness import FACTS, _close, easyedit_file
+from tests.test_evaluation_harness import FACTS, easyedit_file
 from tests.tiny_folder import save_tiny_llama, tiny_lens_model
+
+pytestmark = pytest.mark.integration  # starts local Ray clusters and kills workers
 
 TIMING = ("time_edit", "edit_batch", "seconds")
 SETTINGS = EvalSettings(
@@ -42,21 +50,34 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on 1 thread, as each worker: sums then run in the same order, so bit-equal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The data file and a one-process run of it."""
     folder = tmp_path_factory.mktemp("ref")
     data = easyedit_file(folder / "cf.json", MORE_FACTS)
     lm = tiny_lens_model(model_dir)
-    evaluate(lm, load_records(data), METHODS, folder / "one", settings=SETTINGS, progress=False)
+    with one_thread():
+        evaluate(lm, load_records(data), METHODS, folder / "one", settings=SETTINGS, progress=False)
     return data, folder / "one"
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
+    """The same lines, every metric bit-equal (timing columns aside)."""
     x, y = _keyed(read_run(a)), _keyed(read_run(b))
     assert x.keys() == y.keys()
     for key in x:
-        assert _close(x[key], y[key]), key
+        assert x[key] == y[key], key
 
 
 def test_workers_equal_one_process(model_dir: Path, reference, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -67,7 +88,8 @@ def test_workers_equal_one_process(model_dir: Path, reference, tmp_path: Path, c
     args += ["--method", "shift", "--batch-size", "8", "--group-size", "2"]
     args += ["--fluency-records", "2", "--ppl-records", "2", "--workers", "2"]
     # generation length is not a CLI option: compare against a CLI one-process run as well
-    assert main([*args[:-2], "--out", str(tmp_path / "cli-one"), "--quiet"]) == 0
+    with one_thread():
+        assert main([*args[:-2], "--out", str(tmp_path / "cli-one"), "--quiet"]) == 0
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"{2 * 9} new lines" in printed
@@ -185,18 +207,51 @@ def test_study_workers_equal_one_process(model_dir: Path, tmp_path: Path) -> Non
     )
     base = ["study", "norms", "--data", str(data), "--model", str(model_dir), "--n", "5"]
     base += ["--batch-size", "1", "--quiet"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each worker: the sums then run in the same order, bit-equal
-    try:
+    base[base.index("--batch-size") + 1] = "2"  # batches of 2 records: 3 jobs, 2 workers
+    with one_thread():
         assert main([*base, "--out", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     assert main([*base, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
     for name in ("aggregate.json", "aggregate.csv"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "ray" / name).read_text()
     raw = [json.loads(x) for x in (tmp_path / "ray" / "raw.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in raw) == [str(i) for i in range(5)]
     assert sum(r["status"] == "skipped" for r in raw) == 1
+
+
+def test_sweep_workers_equal_one_process(model_dir: Path, reference, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("ray")
+    data, _ = reference
+    args = ["sweep", "--model", str(model_dir), "--data", str(data), "--layers", "1,2"]
+    args += ["--etas", "0.5,4", "--fluency-records", "2", "--quiet"]
+    with one_thread():
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "ray"), "--workers", "2"]) == 0
+    for name in ("sweep.csv", "sweep.md"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "ray" / name).read_text()
+
+
+def test_unreachable_cluster_fails_fast(
+    model_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("ray")
+    with socket.socket() as sock:  # a local port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    data = easyedit_file(tmp_path / "cf.json")
+    args = ["evaluate", "--model", str(model_dir), "--data", str(data), "--method", "shift"]
+    t0 = time.perf_counter()
+    assert main([*args, "--out", str(tmp_path / "o"), "--ray-address", address]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"cannot reach the Ray cluster at {address}: connection refused" in err
+    assert "start one with 'ray start --head' or drop --ray-address" in err
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")  # the variable, with --workers
+    study = ["study", "rank", "--data", str(data), "--model", str(model_dir)]
+    assert main([*study, "--out", str(tmp_path / "s"), "--workers", "2"]) == 2
+    assert f"cannot reach the Ray cluster at ray://127.0.0.1:{port}" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 20  # seconds (Ray alone waits 150 s per attempt)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
 
 
 def test_core_imports_and_workers_need_ray(

@@ -1,5 +1,7 @@
-"""ROME's and MEMIT's lean passes (``rome.LEAN``) give the same edit, bit for bit, as the
-earlier whole-model key pass and separate initial-value pass."""
+"""ROME's and MEMIT's lean passes (``rome.LEAN``) give the same edit, bit for bit.
+
+The reference is the earlier whole-model key pass and separate initial-value pass.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Shards (``--shard K/N``): the split is deterministic and balanced, the environment is read
-with clear errors, and merged shards equal the unsplit run (evaluate, study, sweep)."""
+"""Shards (``--shard K/N``): merged shards equal the unsplit run (evaluate, study, sweep).
+
+The split is deterministic and balanced, and the environment is read with clear errors.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +13,19 @@ import pytest
 
 from backward_lens.cli import main
 from backward_lens.data import load_records
-from backward_lens.distributed.shards import Shard, parse_shard, resolve_shard, shard_from_env
+from backward_lens.distributed.shards import (
+    Shard,
+    batch_ranges,
+    parse_shard,
+    resolve_shard,
+    shard_from_env,
+)
 from backward_lens.errors import InputError
 from backward_lens.evaluation import evaluate, read_results, write_summary
 from backward_lens.evaluation.harness import read_run
 from backward_lens.evaluation.sweep import shift_sweep
 from backward_lens.study import run_study
-from tests.test_evaluation_harness import FACTS, SETTINGS, _close, easyedit_file
+from tests.test_evaluation_harness import FACTS, SETTINGS, easyedit_file
 from tests.tiny import make_tiny
 from tests.tiny_folder import save_tiny_llama
 
@@ -39,6 +47,12 @@ def test_parse_and_assignment_is_balanced() -> None:
     assert owners == [[i % 3] for i in range(10)]  # each record in exactly one shard: i mod N
     sizes = [sum(Shard(k, 3).owns(i) for i in range(10)) for k in range(3)]
     assert sizes == [4, 3, 3]
+    # batches depend on positions only; a shard owns whole batches, batch b when b mod N == K
+    assert batch_ranges(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
+    assert batch_ranges(0, 3) == []
+    assert Shard(1, 2).batches(7, 3) == [range(3, 6)]
+    assert Shard(0, 2).batches(7, 3) == [range(0, 3), range(6, 7)]
+    assert Shard().batches(7, 3) == batch_ranges(7, 3)
     assert Shard(1, 4).file_name("results.jsonl") == "results.shard-1-of-4.jsonl"
     assert Shard(0, 1).file_name("results.jsonl") == "results.jsonl"
     for bad, words in [("3/3", "out of range"), ("-1/2", "out of range"), ("1/0", "out of range")]:
@@ -82,9 +96,11 @@ MORE = FACTS + [(s + " II", t, n, o) for s, t, n, o in FACTS[:3]]  # 9 records
 
 
 def test_merged_shards_equal_the_unsplit_run(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Batched (8 sequences a pass, groups of 2 records): merged shards are bit-equal."""
     records = load_records(easyedit_file(tmp_path / "cf.json", MORE))
-    methods = ["unedited", "test-random"]
+    methods = ["unedited", "test-random", "shift:layer=1,eta=0.5"]  # shift: edits in one pass
     evaluate(tiny, records, methods, tmp_path / "one", settings=SETTINGS, progress=False)
+    groups = {0: [0, 1, 6, 7], 1: [2, 3, 8], 2: [4, 5]}  # groups of 2: g = 0..4, g mod 3 == k
     for k in (2, 0, 1):  # any order
         res = evaluate(
             tiny,
@@ -97,27 +113,52 @@ def test_merged_shards_equal_the_unsplit_run(tiny, tmp_path: Path) -> None:  # t
         )
         assert res.results_path.name == f"results.shard-{k}-of-3.jsonl"
         mine = read_results(res.results_path)
-        assert sorted({r["index"] for r in mine}) == [i for i in range(9) if i % 3 == k]
+        assert sorted({r["index"] for r in mine}) == groups[k]
     assert not (tmp_path / "split" / "results.jsonl").exists()
     one, split = read_run(tmp_path / "one"), read_run(tmp_path / "split")
-    assert len(split) == 2 * 9
+    assert len(split) == 3 * 9
     # the same lines, each method's in the same (record) order, which is the order the summary
-    # sums in (records are grouped differently: floats may differ in the last bits of a batched
-    # pass, as on resume; everything else is identical)
+    # sums in; every metric bit-equal (the records sharing a batched pass are the same)
     a, b = _untimed(one), _untimed(split)
     a.sort(key=lambda r: methods.index(r["label"]))  # stable: keeps each method's order
     b.sort(key=lambda r: methods.index(r["label"]))
-    assert [(r["label"], r["key"]) for r in a] == [(r["label"], r["key"]) for r in b]
-    for x, y in zip(a, b, strict=True):
-        mx, my = x.pop("metrics", {}), y.pop("metrics", {})
-        assert x == y
-        assert _close(mx, my), (mx, my)
-    # the summaries agree (timing column aside)
+    assert a == b
+    # the summaries agree exactly (timing column aside)
     _, _, df_one = write_summary(tmp_path / "one")
     _, _, df_split = write_summary(tmp_path / "split")
     keep = [c for c in df_one.columns if "Time per edit" not in c]
-    pd.testing.assert_frame_equal(df_one[keep], df_split[keep], rtol=1e-5)
+    pd.testing.assert_frame_equal(df_one[keep], df_split[keep], check_exact=True)
     assert json.loads((tmp_path / "split" / "run.json").read_text())["shards"] == 3
+
+
+def test_resumed_shard_is_bit_equal(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A shard stopped in the middle of a group, resumed: its group is recomputed whole.
+
+    So the lines are those of the uninterrupted run, and none is written twice.
+    """
+    records = load_records(easyedit_file(tmp_path / "cf.json", MORE))
+    methods = ["unedited", "test-random"]
+    kw = {"settings": SETTINGS, "progress": False, "shard": Shard(0, 2)}
+    evaluate(tiny, records, methods, tmp_path / "full", **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop(row: dict) -> None:  # type: ignore[type-arg]
+        if row["index"] == 4 and row["label"] == "test-random":  # group 2, records 4 and 5
+            raise Stop
+
+    with pytest.raises(Stop):
+        evaluate(tiny, records, methods, tmp_path / "part", on_result=stop, **kw)
+    partial = read_results(tmp_path / "part" / "results.shard-0-of-2.jsonl")
+    assert ("test-random", 4) in {(r["label"], r["index"]) for r in partial}
+    assert ("test-random", 5) not in {(r["label"], r["index"]) for r in partial}
+    result = evaluate(tiny, records, methods, tmp_path / "part", resume=True, **kw)
+    assert result.reused == len(partial) and result.written == 2 * 5 - len(partial)
+    key = lambda r: (r["label"], r["key"])  # noqa: E731
+    full = sorted(_untimed(read_run(tmp_path / "full")), key=key)
+    resumed = sorted(_untimed(read_run(tmp_path / "part")), key=key)
+    assert full == resumed and len(full) == 2 * 5
 
 
 def test_unbatched_shards_are_exactly_equal(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -172,7 +213,8 @@ def test_cli_shards_from_env_and_layout_check(
     data = easyedit_file(tmp_path / "cf.json")
     out = tmp_path / "run"
     base = ["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
-    base += ["--method", "shift", "--fluency-records", "0", "--ppl-records", "0", "--quiet"]
+    base += ["--method", "shift", "--fluency-records", "0", "--ppl-records", "0"]
+    base += ["--group-size", "1", "--quiet"]  # shards own whole groups: here, single records
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(base) == 0
@@ -216,23 +258,39 @@ STUDY = [
 def test_study_shards_equal_the_unsplit_run(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data = tmp_path / "facts.jsonl"
     data.write_text("".join(json.dumps(dict(r, id=i)) + "\n" for i, r in enumerate(STUDY)))
-    # one record per capture batch: nothing depends on which records share a batch, so the
-    # aggregate is bit-equal (with larger batches it agrees to float32 rounding, as on resume)
-    kw = {"model": tiny, "n": 9, "batch_size": 1, "progress": False}
+    # batches of 2 records captured together: shards own whole batches (b mod 3 == k), so the
+    # aggregate is bit-equal to the unsplit run's
+    kw = {"model": tiny, "n": 9, "batch_size": 2, "progress": False}
     one = run_study("norms", data, out=tmp_path / "one", **kw)
     for k in range(3):
         part = run_study("norms", data, out=tmp_path / "split", shard=Shard(k, 3), **kw)
     assert part.n_ok == one.n_ok  # the last shard's summary covers every shard
-    assert (tmp_path / "split" / "aggregate.json").read_text() == (
-        tmp_path / "one" / "aggregate.json"
-    ).read_text()
-    assert (tmp_path / "split" / "aggregate.csv").read_text() == (
-        tmp_path / "one" / "aggregate.csv"
-    ).read_text()
+    for name in ("aggregate.json", "aggregate.csv"):
+        assert (tmp_path / "split" / name).read_text() == (tmp_path / "one" / name).read_text()
     files = sorted(p.name for p in (tmp_path / "split").glob("raw*.jsonl"))
     assert files == [f"raw.shard-{k}-of-3.jsonl" for k in range(3)]
     with pytest.raises(InputError, match="split into 3 shards"):
         run_study("norms", data, out=tmp_path / "split", shard=Shard(0, 2), **kw)
+    # resumed with half a batch done (a run stopped mid-batch): the batch is captured whole
+    # again and only its missing line is appended, bit-equal to the uninterrupted run
+    raw = tmp_path / "one" / "raw.jsonl"
+    lines = raw.read_text().splitlines(keepends=True)
+    raw.write_text("".join(lines[:3]))  # batch 0 whole, batch 1 half
+    (tmp_path / "one" / "aggregate.json").unlink()
+    again = run_study("norms", data, out=tmp_path / "one", **kw)
+    assert again.n_ok == one.n_ok
+    assert (tmp_path / "split" / "aggregate.json").read_text() == (
+        tmp_path / "one" / "aggregate.json"
+    ).read_text()
+    resumed = [json.loads(x) for x in raw.read_text().splitlines()]
+    assert sorted(r["key"] for r in resumed) == sorted(str(i) for i in range(9))  # none twice
+    drop = {"seconds"}
+    by_key = {
+        r["key"]: {k: v for k, v in r.items() if k not in drop}
+        for path in (tmp_path / "split").glob("raw*.jsonl")
+        for r in map(json.loads, path.read_text().splitlines())
+    }
+    assert {r["key"]: {k: v for k, v in r.items() if k not in drop} for r in resumed} == by_key
 
 
 def test_sweep_shards_equal_the_unsplit_sweep(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -275,11 +333,11 @@ def test_sweep_cli_merges_parts(model_dir: Path, tmp_path: Path, capsys) -> None
 def test_gguf_cache_writes_sharded_safetensors(tmp_path: Path, smollm2) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from backward_lens import models
+    from backward_lens import gguf_cache, models
 
     gguf = models.BUILTIN_MODELS["smollm2-135m"].gguf_path()
     entry = tmp_path / "entry"
-    models._convert_gguf(gguf, entry, torch.float32, max_shard_size="200MB")  # ~540 MB model
+    gguf_cache.convert_gguf(gguf, entry, torch.float32, max_shard_size="200MB")  # ~540 MB model
     shards = sorted(entry.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 3 and not (entry / "model.safetensors").exists()
     index = json.loads((entry / "model.safetensors.index.json").read_text())
@@ -287,7 +345,7 @@ def test_gguf_cache_writes_sharded_safetensors(tmp_path: Path, smollm2) -> None:
     assert all(p.stat().st_size <= 200e6 for p in shards)
     manifest = json.loads((entry / "manifest.json").read_text())["files"]
     assert {p.name for p in shards} | {"model.safetensors.index.json"} <= set(manifest)
-    assert models.cache_entry_is_valid(entry)
+    assert gguf_cache.cache_entry_is_valid(entry)
     lm = models.load_model(str(entry))
     ref = dict(smollm2.model.named_parameters())
     assert all(torch.equal(p, ref[n]) for n, p in lm.model.named_parameters())
@@ -297,7 +355,7 @@ def test_gguf_cache_writes_sharded_safetensors(tmp_path: Path, smollm2) -> None:
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert not models.cache_entry_is_valid(entry)
+    assert not gguf_cache.cache_entry_is_valid(entry)
 
 
 # ------------------------------------------------------------------------------------------

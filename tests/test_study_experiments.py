@@ -205,8 +205,11 @@ def test_rank_matches_matrix_rank_of_autograd(which, request, data, tmp_path) ->
 
 
 def test_rank_share_drops_with_repeated_positions(llama, tokenizer, tmp_path) -> None:
-    """Lemma 4.1: identical x_i (the same token repeated at the start, no position in the values
-    of a RoPE model) are linearly dependent, so the rank drops by one per repeat."""
+    """Lemma 4.1: identical x_i are linearly dependent, so the rank drops by one per repeat.
+
+    The x_i are identical for the same token repeated at the start (a RoPE model has no
+    position in its values).
+    """
     rows = [
         {"prompt": " the" * k + " city of Rome is in", "subject": "Rome", "target": "Italy"}
         for k in (2, 3, 4)

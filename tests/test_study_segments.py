@@ -98,7 +98,7 @@ def test_subject_missing_or_empty(tokenizer) -> None:
 
 
 def _with_bos(tokenizer):
-    """A copy of the (BOS-less) SmolLM2 tokenizer that prepends BOS, as Llama/Gemma do."""
+    """A copy of the BOS-less tokenizer (SmolLM2's special tokens) that prepends BOS, as Llama."""
     tok = copy.deepcopy(tokenizer)
     bos = tok.convert_tokens_to_ids("<|im_start|>")
     tok._tokenizer.post_processor = TemplateProcessing(

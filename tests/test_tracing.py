@@ -50,8 +50,11 @@ def no_hooks(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def reference_score(t: Tracer, r: Restoration) -> float:
-    """ROME's ``trace_with_patch`` written plainly: full forward passes of every noise row,
-    noise added to the embedding output, the clean value written into the restored outputs."""
+    """ROME's ``trace_with_patch`` written plainly.
+
+    Full forward passes of every noise row, noise added to the embedding output, the clean
+    value written into the restored outputs.
+    """
     lm = t.lm
     rows = t.samples
     s, e = t.subject

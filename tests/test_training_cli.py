@@ -1,5 +1,8 @@
-"""``backward-lens finetune`` end to end (tiny random Llama folder; SmolLM2 as a slow test), its
-bad inputs (exit 2, one line, nothing touched), and the viewer's read-only run pages."""
+"""``backward-lens finetune`` end to end, its bad inputs, and the viewer's run pages.
+
+End to end on a tiny random Llama folder (SmolLM2 as a slow test); bad inputs exit 2 with one
+line and touch nothing; the viewer's run pages are read-only.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The training lens on PEFT LoRA adapters: the adapted layers are read, and what is read is the
-gradient G of the base weight, from which LoRA's own gradients are built (s G A^T and s B^T G)."""
+"""The training lens on PEFT LoRA adapters: the adapted layers are read.
+
+What is read is the gradient G of the base weight, from which LoRA's own gradients are
+built (s G A^T and s B^T G).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The viewer without a browser: the standalone page, the JSON API, limits, locks, edit safety.
 
-A tiny random Llama (3 layers, width 32, the real SmolLM2 tokenizer) stands in for the model, so
+A tiny random Llama (3 layers, width 32, the tokenizer built in code) stands in for the model, so
 these tests are fast; the browser tests (test_web_browser.py) use the real default model.
 """
 
@@ -45,7 +45,8 @@ def tiny(tokenizer: Any) -> LensModel:
 def viewer(tiny: LensModel) -> Iterator[tuple[ViewerServer, ViewerApp]]:
     app = ViewerApp(ModelPool([ModelSlot(tiny.name, lambda: tiny, tiny)]))
     server = make_server(app, "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() returns at once instead of after up to 0.5 s per test.
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
         yield server, app
@@ -196,8 +197,13 @@ def raw_call(
     raw: bytes | None = None,
     headers: dict[str, str | None] | None = None,
 ) -> tuple[int, dict[str, str], Any]:
-    """One request with exactly the given headers (``Host`` defaults to the server's address;
-    a header given as None is not sent): (status, headers, decoded JSON body)."""
+    """One request with exactly the given headers.
+
+    ``Host`` defaults to the server's address; a header given as None is not sent.
+
+    Returns:
+        ``(status, headers, decoded JSON body)``.
+    """
     host, port = str(server.server_address[0]), int(server.server_address[1])
     conn = http.client.HTTPConnection(host, port, timeout=60)
     try:
@@ -491,17 +497,17 @@ def test_cell_neurons_against_the_dense_gradient(tiny: LensModel, matrix: str) -
     dominated = (terms.argmax(0) == position).nonzero().flatten()
     norms = neurons.norm(dim=1)
     expected = dominated[norms[dominated].argsort(descending=True)][:5].tolist()
-    assert [n["index"] for n in out["neurons"]] == expected
-    assert out["gradient"]["n_dominated"] == len(dominated)
-    for n in out["neurons"]:
-        j = n["index"]
-        assert n["norm"] == pytest.approx(float(norms[j]), rel=1e-4)
-        assert n["share"] == pytest.approx(float(terms[position, j] / terms[:, j].sum()), rel=1e-4)
+    assert [n.index for n in out.neurons] == expected
+    assert out.gradient.n_dominated == len(dominated)
+    for n in out.neurons:
+        j = n.index
+        assert n.norm == pytest.approx(float(norms[j]), rel=1e-4)
+        assert n.share == pytest.approx(float(terms[position, j] / terms[:, j].sum()), rel=1e-4)
         cos = torch.nn.functional.cosine_similarity(neurons[j], own, dim=0)
-        assert n["cosine"] == pytest.approx(float(cos), abs=1e-4)
+        assert n.cosine == pytest.approx(float(cos), abs=1e-4)
     rank = int((tiny.lens.logits(own.float()) > tiny.lens.logits(own.float())[cap.target_id]).sum())
-    assert out["lens"]["raw"]["target_rank"] == rank
-    assert out["gradient"]["rank"] == int(torch.linalg.matrix_rank(g.dense()))
+    assert out.lens["raw"].target_rank == rank
+    assert out.gradient.rank == int(torch.linalg.matrix_rank(g.dense()))
 
 
 # -- edit safety ---------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_errors_are_shown_in_the_page(server: ViewerServer, browser: Any) -> Non
 
 
 def test_standalone_page_in_the_browser(browser: Any, smollm2: LensModel, tmp_path: Path) -> None:
-    """explain --html's page opens from disk and shows the same grid, without a server."""
+    """The page of ``explain --html`` opens from disk and shows the same grid, without a server."""
     expl = explain(smollm2, PROMPT, TARGET, top_k=3)
     page = tmp_path / "eiffel.html"
     page.write_text(render_explanation_html(expl.to_dict()), encoding="utf-8")

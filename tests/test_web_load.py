@@ -257,8 +257,10 @@ def test_deeply_nested_json_is_a_400_not_a_dropped_connection(tiny: LensModel) -
 
 @pytest.mark.slow
 def test_50_concurrent_mixed_requests_on_the_real_model(smollm2: LensModel) -> None:
-    """50 clients at once, explains and edits, default options: all answered, bounded, weights
-    bit-identical afterwards."""
+    """50 clients at once, explains and edits, default options: all answered, bounded.
+
+    The weights are bit-identical afterwards.
+    """
     before = weights_hash(smollm2)
     options = ServerOptions()
     assert options.workers + options.queue >= 50  # so every one of the 50 is served (no 503)

@@ -1,4 +1,8 @@
-"""Small randomly initialised models of every supported family (exact for gradient algebra)."""
+"""Small randomly initialised models of every supported family (exact for gradient algebra).
+
+The unit tier pairs them with the tokenizer built in code (``tests.tokenizers.code_tokenizer``,
+2,048 tokens); the integration tier also with real tokenizers (``real_tokenizer``, SmolLM2's).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import transformers as tf
 
 from backward_lens.models import LensModel, wrap
 
-V = 49152  # the SmolLM2 tokenizer's vocabulary, shared by every tiny model
+V = 2048  # a placeholder: make_tiny gives each model its tokenizer's vocabulary
 
 GATED = dict(
     hidden_size=32,
@@ -67,8 +71,10 @@ TINY_CONFIGS: dict[str, Any] = {
 
 
 def make_tiny(model_type: str, tokenizer: Any, seed: int = 0) -> LensModel:
-    """A random ``model_type`` model with 3 layers and width 32, in float32 eval mode; its
-    vocabulary is the tokenizer's (``len(tokenizer)``, special tokens included)."""
+    """A random ``model_type`` model with 3 layers and width 32, in float32 eval mode.
+
+    Its vocabulary is the tokenizer's (``len(tokenizer)``, special tokens included).
+    """
     torch.manual_seed(seed)
     config = TINY_CONFIGS[model_type]()
     config.vocab_size = len(tokenizer)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from backward_lens.checks import layer as checked_layer
 from backward_lens.errors import UnsupportedArchitectureError
 
 PartSelector = Callable[[Any], torch.Tensor]
@@ -191,6 +192,7 @@ ADAPTERS: dict[str, Adapter] = {
 
 
 def supported_model_types() -> list[str]:
+    """The ``model_type`` values that have an adapter, sorted."""
     return sorted(ADAPTERS)
 
 
@@ -240,6 +242,7 @@ class ResolvedMatrix:
 
     @property
     def weight(self) -> torch.Tensor:
+        """The module's weight parameter, in its own layout."""
         return self.module.weight  # type: ignore[return-value]
 
 
@@ -247,6 +250,12 @@ class Architecture:
     """An adapter bound to a model instance: resolved blocks, matrices, final norm, unembedding."""
 
     def __init__(self, model: nn.Module, adapter: Adapter | None = None) -> None:
+        """Bind ``adapter`` (default: the one for the model's type) to ``model``.
+
+        Raises:
+            UnsupportedArchitectureError: no adapter for the model's type, or its block list
+                is not where the adapter says.
+        """
         self.model = model
         self.adapter = adapter or adapter_for(model)
         layers = get_module(model, self.adapter.layers)
@@ -260,13 +269,35 @@ class Architecture:
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer blocks."""
         return len(self.layers)
 
+    def layer_index(self, layer: int, what: str = "layer") -> int:
+        """The block index ``layer`` as 0..n_layers-1 (negative counts from the end).
+
+        Args:
+            layer: a block index, -n_layers..n_layers-1.
+            what: how the value is named in the error (``layer``, ``layers``, ``--layer``).
+
+        Returns:
+            The index, wrapped to 0..n_layers-1.
+
+        Raises:
+            InputError: not an integer, or out of range (one line naming the model's depth).
+        """
+        return checked_layer(what, layer, self.n_layers) % self.n_layers
+
     def matrix_names(self, attention: bool = False) -> list[str]:
+        """Names of the MLP matrices (``ff1``, ``ff2``...), and the attention ones if asked."""
         specs = self.adapter.mlp + (self.adapter.attention if attention else ())
         return [s.name for s in specs]
 
     def resolve(self, layer: int, name: str) -> ResolvedMatrix:
+        """The matrix ``name`` (``ff1``, ``ff2``, ``o``...) of block ``layer`` (0..n_layers-1).
+
+        Raises:
+            UnsupportedArchitectureError: the family has no such matrix, or the block lacks it.
+        """
         for spec in self.adapter.mlp + self.adapter.attention:
             if spec.name == name:
                 module = get_module(self.layers[layer], spec.path)
@@ -283,6 +314,7 @@ class Architecture:
         )
 
     def final_norm_modules(self) -> list[nn.Module]:
+        """The modules applied to the last hidden state before the LM head, in order."""
         found = [get_module(self.model, p) for p in self.adapter.final_norm]
         return [m for m in found if m is not None]
 

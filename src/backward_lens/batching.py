@@ -114,8 +114,10 @@ _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
 
 
 def accepts(model: nn.Module, argument: str) -> bool:
-    """Whether ``model.forward`` takes ``argument`` (``position_ids``, ``logits_to_keep``...);
-    the signature is read once per model class."""
+    """Whether ``model.forward`` takes ``argument`` (``position_ids``, ``logits_to_keep``...).
+
+    The signature is read once per model class and cached.
+    """
     cls = type(model)
     if cls not in _FORWARD_PARAMETERS:
         _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(model.forward).parameters)
@@ -125,9 +127,12 @@ def accepts(model: nn.Module, argument: str) -> bool:
 def model_inputs(
     model: nn.Module, batch: Batch, *, logits_to_keep: int | None = None
 ) -> dict[str, Any]:
-    """Keyword arguments of ``model(**kwargs)`` for ``batch``: ids, mask, position ids when the
-    model takes them, no KV cache, and ``logits_to_keep`` (only the last columns are unembedded)
-    when given and supported."""
+    """Keyword arguments of ``model(**kwargs)`` for ``batch``.
+
+    They are the ids and mask ([B, T] each), position ids when the model takes them, no KV
+    cache, and ``logits_to_keep`` (only the last columns are unembedded) when given and
+    supported.
+    """
     kwargs: dict[str, Any] = {
         "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,
@@ -141,9 +146,11 @@ def model_inputs(
 
 
 def cache_inputs(model: nn.Module, output: Any) -> dict[str, Any]:
-    """Keyword argument that hands ``output``'s KV cache to the next forward pass of ``model``:
-    ``cache`` where the model takes it (transformers 5.2x renamed it), else
-    ``past_key_values``."""
+    """Keyword argument that hands ``output``'s KV cache to the next forward pass of ``model``.
+
+    The key is ``cache`` where the model takes it (transformers 5.2x renamed it), else
+    ``past_key_values``.
+    """
     value = getattr(output, "cache", None)
     if value is None:
         value = getattr(output, "past_key_values", None)
@@ -151,8 +158,11 @@ def cache_inputs(model: nn.Module, output: Any) -> dict[str, Any]:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the model's input ids must go: the input embedding's device (the first device of a
-    ``device_map`` model), not the first parameter's."""
+    """Where the model's input ids must go.
+
+    That is the input embedding's device (the first device of a ``device_map`` model), not the
+    first parameter's; CPU for a model whose parameters are all on the meta device.
+    """
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
     weight = getattr(embedding, "weight", None)
@@ -166,8 +176,10 @@ def input_device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Dropout off for the duration (``model.eval()``); the train/eval mode of every submodule
-    is restored on exit, whatever happens."""
+    """Dropout off for the duration (``model.eval()``).
+
+    The train/eval mode of every submodule is restored on exit, whatever happens.
+    """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -207,9 +219,11 @@ class Hooks:
         self.handles.clear()
 
     def __enter__(self) -> Hooks:
+        """Open the registry; hooks are registered on the returned object."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Remove every registered hook, also when the block raised."""
         self.remove()
 
 

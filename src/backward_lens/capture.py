@@ -29,6 +29,7 @@ from backward_lens.batching import (
     pad_batch,
     pad_id,
 )
+from backward_lens.checks import layer as checked_layer
 from backward_lens.errors import InputError
 from backward_lens.lowrank import LowRankGradient
 from backward_lens.models import LensModel
@@ -59,10 +60,12 @@ class Capture:
     _layer_index: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        """Index the captured layers for :meth:`gradient`."""
         self._layer_index = {layer: k for k, layer in enumerate(self.layers)}
 
     @property
     def n(self) -> int:
+        """Number of input positions n (prompt plus teacher-forced target tokens but the last)."""
         return len(self.tokens)
 
     @property
@@ -76,10 +79,26 @@ class Capture:
         return int(self.logits[0].argmax())
 
     def probability(self, token_id: int) -> float:
+        """Softmax probability of ``token_id`` at the first loss position (float32, in [0, 1]).
+
+        Args:
+            token_id: a vocabulary index.
+
+        Raises:
+            IndexError: if ``token_id`` is outside the vocabulary.
+        """
         return float(self.logits[0].float().softmax(-1)[token_id])
 
     def gradient(self, layer: int, name: str) -> LowRankGradient:
-        """Factors of matrix ``name`` (``ff1``, ``gate``, ``ff2``, ``q``...) at block ``layer``."""
+        """Factors of matrix ``name`` (``ff1``, ``gate``, ``ff2``, ``q``...) at block ``layer``.
+
+        Args:
+            layer: a captured block index (negative: from the last captured layer down).
+            name: a captured matrix name.
+
+        Raises:
+            InputError: ``name`` or ``layer`` was not captured.
+        """
         if name not in self.gradients:
             raise InputError(f"{name!r} was not captured; captured: {', '.join(self.gradients)}")
         if layer < 0:
@@ -108,7 +127,11 @@ class Capture:
         """``x`` or ``delta`` of matrix ``name`` for every captured layer: [layers, n, width].
 
         The factors of a model spread over several devices are gathered on ``device`` (default:
-        the first captured layer's device).
+        the first captured layer's device). ``width`` is d_in for ``x`` and d_out for ``delta``.
+
+        Raises:
+            InputError: no layer of ``name`` was captured.
+            KeyError: ``name`` is not a captured matrix.
         """
         parts = [getattr(g, factor) for g in self.gradients[name]]
         if not parts:
@@ -118,17 +141,19 @@ class Capture:
 
 
 def resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    """Validate layer indices (negative ones count from the end); None means all layers."""
+    """Validate layer indices (negative ones count from the end); None means all layers.
+
+    Returns:
+        The distinct non-negative indices, sorted.
+
+    Raises:
+        InputError: an index outside ``[-n_layers, n_layers)``.
+    """
     if layers is None:
         return list(range(n_layers))
     out: list[int] = []
     for layer in layers:
-        index = layer + n_layers if layer < 0 else layer
-        if not 0 <= index < n_layers:
-            raise InputError(
-                f"layer {layer} is out of range: the model has {n_layers} layers "
-                f"(0 to {n_layers - 1})"
-            )
+        index = checked_layer("layer", layer, n_layers) % n_layers  # as Architecture.layer_index
         if index not in out:
             out.append(index)
     return sorted(out)
@@ -156,6 +181,13 @@ def capture(
         attention: also capture ``q``, ``k``, ``v``, ``o`` (ignored if ``matrices`` is given).
         multi_token: see :func:`backward_lens.tokens.encode_request`.
         add_space: prepend a space to targets that lack one.
+
+    Returns:
+        One :class:`Capture` per prompt (a single one for a string ``prompt``).
+
+    Raises:
+        InputError: as many targets as prompts are needed; a bad layer or matrix; and the
+            encoding errors of :func:`backward_lens.tokens.encode_request` (all subclasses).
     """
     single = isinstance(prompt, str)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -236,6 +268,20 @@ def capture_requests(
     The loss is computed in float32 whatever the model's dtype (a half-precision model's head
     is re-applied in float32 to its own input: ``VocabularyLens.unembed_logits``); factors keep
     the dtype and device of the layer they come from (``Capture.stack`` gathers them).
+
+    Args:
+        lm: the model.
+        requests: prompts and targets encoded by :func:`backward_lens.tokens.encode_request`.
+        layers: block indices to capture (negative from the end; default: all).
+        matrices: matrix names (default: the MLP's ``ff1``, ``gate`` if gated, ``ff2``).
+        attention: also capture ``q``, ``k``, ``v``, ``o`` (ignored if ``matrices`` is given).
+
+    Returns:
+        One :class:`Capture` per request, in order (none for no request).
+
+    Raises:
+        InputError: a layer out of range.
+        UnsupportedArchitectureError: a matrix name the model's adapter does not have.
     """
     if not requests:
         return []

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from backward_lens.errors import BackwardLensError
 
-COMMANDS = ["explain", "study", "edit", "evaluate", "sweep", "finetune", "serve", "trace"]
+COMMANDS = ["explain", "study", "edit", "evaluate", "sweep", "finetune", "serve", "trace", "schema"]
 """Subcommand modules in ``backward_lens.commands``; each has NAME, HELP, DESCRIPTION,
 ``add_arguments(parser)`` and ``run(args) -> int``."""
 
@@ -27,6 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
+        """Print ``message`` in one line naming the command, then exit with status 2."""
         command = self.prog.removeprefix("backward-lens").strip()
         where = f"{command}: " if command else ""
         hint = f"backward-lens {command} --help" if command else "backward-lens --help"
@@ -63,8 +65,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted.
+
+    A plain ``StreamHandler`` keeps the stream it was created with; tests that capture stderr
+    replace ``sys.stderr`` for each run of :func:`main`, and the notices must reach that one.
+    """
+
+    @property
+    def stream(self) -> object:
+        """The current ``sys.stderr``."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass  # always the current sys.stderr
+
+
+def show_notices() -> None:
+    """Show the library's notices on stderr as ``backward-lens: ...`` lines (once per process).
+
+    Library modules log progress and notices (``logging.getLogger(__name__)``, INFO) instead of
+    printing; the command line shows INFO and above of every ``backward_lens`` logger, except the
+    viewer's per-request timings (``backward_lens.web`` below WARNING), as before.
+    """
+    logger = logging.getLogger("backward_lens")
+    if any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("backward-lens: %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    web = logging.getLogger("backward_lens.web")
+    if web.level == logging.NOTSET:
+        web.setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2: a user mistake, printed in one line)."""
+    show_notices()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -45,7 +45,11 @@ class FactRecord:
 
     @property
     def template(self) -> str:
-        """The prompt with its first occurrence of the subject replaced by ``{}``."""
+        """The prompt with its first occurrence of the subject replaced by ``{}``.
+
+        Raises:
+            DataError: the subject does not occur in the prompt.
+        """
         i = self.prompt.find(self.subject)
         if i < 0:
             raise DataError(f"record {self.case_id}: subject {self.subject!r} not in the prompt")
@@ -57,6 +61,7 @@ class FactRecord:
         return self.target_new if self.target_new is not None else self.target_true
 
     def to_dict(self) -> dict[str, Any]:
+        """The record's fields as a JSON-ready dict (tuples stay tuples; ``layout`` included)."""
         return asdict(self)
 
 
@@ -124,7 +129,11 @@ def _as_list(value: Any) -> list[str]:
 
 
 def detect_layout(record: dict[str, Any]) -> str:
-    """``rome``, ``easyedit``, ``known`` or ``jsonl``, from one record's keys."""
+    """``rome``, ``easyedit``, ``known`` or ``jsonl``, from one record's keys.
+
+    Raises:
+        DataError: the keys match none of the four layouts.
+    """
     if "requested_rewrite" in record:
         return "rome"
     if "rephrase_prompt" in record or "ground_truth" in record:
@@ -244,6 +253,12 @@ def load_records(
         limit: keep the first ``limit`` records (the paper's protocol: the first 1000).
         sample: instead, draw ``sample`` records at random with ``seed`` (file order kept).
         seed: the sampling seed.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        DataError: see :func:`read_raw` and :func:`parse_records`.
     """
     records = parse_records(read_raw(path))
     if sample is not None and sample < len(records):

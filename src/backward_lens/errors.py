@@ -48,8 +48,11 @@ class EditError(BackwardLensError):
 
 
 class OutputPathError(InputError):
-    """An output path that is occupied (a folder where a file goes, a file where a folder goes,
-    a folder holding other files) or cannot be written."""
+    """An output path that is occupied or cannot be written.
+
+    Occupied means a folder where a file goes, a file where a folder goes, or a folder holding
+    other files; the package never overwrites or deletes a user's file.
+    """
 
 
 class CacheError(BackwardLensError):

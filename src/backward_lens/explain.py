@@ -2,12 +2,12 @@
 
 :func:`explain` runs one capture and one batched projection of the whole (layer x position x
 matrix) grid, and returns an :class:`Explanation`, the in-memory form of the JSON contract that
-the CLI writes (``to_dict``) and a pandas view (``to_dataframe``); figures: ``plots``.
+the CLI writes (``to_dict``, ``to_json``; its schema is ``backward_lens.schema.ExplainDocument``,
+published as ``schemas/explain.v1.json``) and a pandas view (``to_dataframe``); figures: ``plots``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +17,9 @@ import torch
 
 from backward_lens.capture import Capture, capture
 from backward_lens.errors import InputError
-from backward_lens.io import atomic_write_text
+from backward_lens.io import atomic_write_text, dumps
 from backward_lens.models import LensModel
+from backward_lens.schema import SCHEMA_VERSION
 from backward_lens.tokens import MultiTokenPolicy
 
 READING = {"ff1": ("x", "top"), "ff2": ("delta", "bottom")}
@@ -58,10 +59,39 @@ class MatrixReading:
 
 @dataclass
 class LayerReading:
+    """The readings of one block's MLP matrices (``gate``: gated MLPs only, its rank only)."""
+
     layer: int
     ff1: MatrixReading
     ff2: MatrixReading
     gate: MatrixReading | None = None
+
+
+@dataclass(frozen=True)
+class TargetToken:
+    """The target the gradients are taken towards."""
+
+    text: str
+    """The target text as encoded (a space may have been prepended)."""
+    token_id: int
+    """The token the loss and the ranks use (the first of ``all_token_ids``)."""
+    token: str
+    """``token_id`` decoded."""
+    all_token_ids: list[int]
+    """Every token of the target text."""
+    trained_token_ids: list[int]
+    """The tokens the loss is taken over (the first only, or all under teacher forcing)."""
+    all_tokens: list[str]
+    """``all_token_ids`` decoded."""
+
+
+@dataclass(frozen=True)
+class PredictedToken:
+    """The model's own next token at the last prompt position, and its probability."""
+
+    token: str
+    token_id: int
+    prob: float
 
 
 @dataclass
@@ -73,8 +103,8 @@ class Explanation:
     prompt: str
     tokens: list[str]
     token_ids: list[int]
-    target: dict[str, Any]
-    prediction: dict[str, Any]
+    target: TargetToken
+    prediction: PredictedToken
     loss: float
     layers: list[LayerReading]
     top_k: int
@@ -82,14 +112,22 @@ class Explanation:
     target_prob: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        """The JSON contract as plain data (``schema_version`` first; no ``gate`` if None).
+
+        Matches ``backward_lens.schema.ExplainDocument`` (``schemas/explain.v1.json``).
+        """
+        data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         for layer in data["layers"]:
             if layer["gate"] is None:
                 del layer["gate"]
         return data
 
     def to_json(self, path: str | Path | None = None, indent: int | None = 1) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+        """:meth:`to_dict` as JSON text, also written atomically to ``path`` when given.
+
+        NaN and infinities are kept as ``NaN`` / ``Infinity`` (see ``io.dumps``).
+        """
+        text = dumps(self.to_dict(), indent=indent, finite=False)
         if path is not None:
             atomic_write_text(path, text)
         return text
@@ -99,13 +137,13 @@ class Explanation:
         import pandas as pd
 
         rows = []
-        for lr in self.layers:
+        for layer_reading in self.layers:
             for name in ("ff1", "ff2"):
-                mr: MatrixReading = getattr(lr, name)
+                mr: MatrixReading = getattr(layer_reading, name)
                 for i, p in enumerate(mr.positions):
                     rows.append(
                         {
-                            "layer": lr.layer,
+                            "layer": layer_reading.layer,
                             "matrix": name,
                             "position": i,
                             "token": p.token,
@@ -122,7 +160,10 @@ class Explanation:
 
     def grid(self, matrix: str, key: str) -> list[list[Any]]:
         """``key`` of every position of ``matrix`` as a [layer][position] list."""
-        return [[getattr(p, key) for p in getattr(lr, matrix).positions] for lr in self.layers]
+        return [
+            [getattr(p, key) for p in getattr(layer_reading, matrix).positions]
+            for layer_reading in self.layers
+        ]
 
     def reading(self, matrix: str) -> str:
         """Which side of the projection the paper reads for ``matrix``: ``top`` or ``bottom``."""
@@ -235,15 +276,17 @@ def explain_capture(
         prompt=cap.request.prompt,
         tokens=cap.tokens,
         token_ids=cap.token_ids,
-        target={
-            "text": cap.request.target_text,
-            "token_id": cap.target_id,
-            "token": lm.decode([cap.target_id])[0],
-            "all_token_ids": list(cap.request.all_target_ids),
-            "trained_token_ids": list(cap.request.target_ids),
-            "all_tokens": lm.decode(list(cap.request.all_target_ids)),
-        },
-        prediction={"token": lm.decode([pred])[0], "token_id": pred, "prob": float(probs[pred])},
+        target=TargetToken(
+            text=cap.request.target_text,
+            token_id=cap.target_id,
+            token=lm.decode([cap.target_id])[0],
+            all_token_ids=list(cap.request.all_target_ids),
+            trained_token_ids=list(cap.request.target_ids),
+            all_tokens=lm.decode(list(cap.request.all_target_ids)),
+        ),
+        prediction=PredictedToken(
+            token=lm.decode([pred])[0], token_id=pred, prob=float(probs[pred])
+        ),
         loss=cap.loss,
         layers=layer_readings,
         top_k=top_k,

@@ -1,17 +1,26 @@
-"""Atomic file writes (a reader never sees a half-written file, a crash never leaves one) and
-the one reader of append-only JSON-lines run files (:func:`read_jsonl`)."""
+"""Atomic file writes, the one JSON serialiser, and the one reader of JSON-lines run files.
+
+A reader never sees a half-written file and a crash never leaves one (:func:`atomic_write`);
+:func:`to_jsonable` / :func:`dumps` turn any result (dataclasses, pydantic models, tensors,
+numpy values) into JSON; :func:`read_jsonl` reads append-only run files.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from backward_lens.errors import DataError
+
+JsonValue: TypeAlias = "dict[str, JsonValue] | list[JsonValue] | str | int | float | bool | None"
+"""A value JSON can hold as it is (what :func:`to_jsonable` returns)."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -37,10 +46,12 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: _discard(tmp.write_text(text, encoding="utf-8")))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: _discard(tmp.write_bytes(data)))
 
 
@@ -49,9 +60,11 @@ def _discard(_: object) -> None:
 
 
 def atomic_write_many(files: dict[Path, bytes]) -> list[Path]:
-    """Write several files as one step: all are written to temporaries beside their targets
-    first, then renamed into place. If any write fails, every temporary is removed and no
-    target is touched (neither created nor overwritten).
+    """Write several files as one step.
+
+    All are written to temporaries beside their targets first, then renamed into place. If any
+    write fails, every temporary is removed and no target is touched (neither created nor
+    overwritten).
 
     Returns:
         The paths written, in the order given.
@@ -138,3 +151,66 @@ def read_jsonl(
             fh.truncate(keep)
             os.fsync(fh.fileno())
     return rows
+
+
+def to_jsonable(value: Any, *, finite: bool = True) -> Any:
+    """Plain JSON-ready Python data (dicts, lists, str, int, float, bool, None) from ``value``.
+
+    The one conversion every JSON writer of the package uses (the explain JSON, result rows,
+    study and training run files, the viewer's replies): dataclasses and pydantic models become
+    dicts of their fields, mappings get string keys, tuples and sets become lists, tensors and
+    numpy arrays or scalars become (nested lists of) Python numbers, anything else its ``str``.
+    A pydantic model writes the fields it was built with (``exclude_unset``), so a document read
+    into a model and written again keeps its keys (an absent optional field stays absent).
+
+    Args:
+        value: the data to convert.
+        finite: NaN and infinities become ``None`` (JSON ``null``); with ``False`` they are
+            kept as floats (see :func:`dumps`).
+
+    Returns:
+        A new structure; ``value`` is not changed.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if not finite or math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v, finite=finite) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v, finite=finite) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: to_jsonable(getattr(value, f.name), finite=finite)
+            for f in dataclasses.fields(value)
+        }
+    if callable(getattr(value, "model_dump", None)):  # a pydantic model: the fields it was given
+        return to_jsonable(value.model_dump(mode="python", exclude_unset=True), finite=finite)
+    if callable(getattr(value, "tolist", None)):  # torch.Tensor, numpy arrays and scalars
+        return to_jsonable(value.tolist(), finite=finite)
+    return str(value)
+
+
+def dumps(
+    value: Any, *, indent: int | None = None, finite: bool = True, ensure_ascii: bool = False
+) -> str:
+    """``value`` as JSON text, through :func:`to_jsonable`.
+
+    Args:
+        value: the data to write.
+        indent: as in :func:`json.dumps` (``None``: one line).
+        finite: write NaN and infinities as ``null`` (standard JSON). With ``False`` they are
+            written as ``NaN`` / ``Infinity`` (Python's extension, read back by
+            :func:`json.loads`): the explain JSON and result rows keep them, so a diverged number
+            stays visible in a summary instead of being skipped as missing.
+        ensure_ascii: escape non-ASCII characters (result rows do, as they always have).
+
+    Returns:
+        The JSON text (no trailing newline).
+    """
+    return json.dumps(
+        to_jsonable(value, finite=finite),
+        indent=indent,
+        ensure_ascii=ensure_ascii,
+        allow_nan=not finite,
+    )

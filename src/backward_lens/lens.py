@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backward_lens.adapters import Architecture
 from backward_lens.errors import PlacementError
 
 LOGIT_CHUNK_BYTES = 32 << 20
 """Memory budget of one projection chunk's float32 logits (32 MiB: 170 rows of a 49k
 vocabulary, 256 of a 32k one); ``VocabularyLens.project(max_chunk_bytes=...)`` overrides it."""
-
-if TYPE_CHECKING:
-    from backward_lens.models import LensModel
 
 
 @dataclass
@@ -74,7 +72,8 @@ class Projection:
 class VocabularyLens(nn.Module):
     """Frozen final norm + unembedding (+ Gemma's logit soft-capping) of one model.
 
-    Logits are float32 whatever the model's dtype (see the module docstring).
+    Logits are float32 whatever the model's dtype (see the module docstring). Build it with
+    :meth:`from_architecture`.
     """
 
     def __init__(
@@ -84,6 +83,14 @@ class VocabularyLens(nn.Module):
         bias: Tensor | None = None,
         softcap: float | None = None,
     ) -> None:
+        """Wrap the model's own head modules and weights (shared, never modified).
+
+        Args:
+            final_norm: the modules applied before the LM head, in order.
+            unembed: the decoding matrix, [V, d].
+            bias: the LM head's bias, [V], or None.
+            softcap: Gemma's final logit soft-capping, or None.
+        """
         super().__init__()
         self.final_norm = nn.ModuleList(final_norm)
         self.unembed = unembed  # [V, d], shared with the model (never modified)
@@ -93,12 +100,24 @@ class VocabularyLens(nn.Module):
         self._float32: dict[str, tuple[tuple[object, ...], Any]] = {}
 
     @classmethod
-    def from_model(cls, lm: LensModel) -> VocabularyLens:
-        weight, bias = lm.arch.unembedding()
-        return cls(lm.arch.final_norm_modules(), weight, bias, lm.arch.logit_softcap())
+    def from_architecture(cls, arch: Architecture) -> VocabularyLens:
+        """The lens of the model ``arch`` is bound to: its final norm, LM head and soft-cap.
+
+        Args:
+            arch: the model's architecture adapter (``LensModel.arch``).
+
+        Returns:
+            A lens sharing the model's head weights (never modified), [V, d].
+
+        Raises:
+            UnsupportedArchitectureError: the model has no LM head.
+        """
+        weight, bias = arch.unembedding()
+        return cls(arch.final_norm_modules(), weight, bias, arch.logit_softcap())
 
     @property
     def vocab_size(self) -> int:
+        """V, the number of rows of the decoding matrix."""
         return int(self.unembed.shape[0])
 
     @torch.no_grad()
@@ -107,8 +126,9 @@ class VocabularyLens(nn.Module):
         return self(vectors, normalized)
 
     def forward(self, vectors: Tensor, normalized: bool = False) -> Tensor:
-        """Lens logits of ``vectors`` [..., d] -> [..., V], float32 and differentiable: the
-        model's own head applied to hidden states (used to optimise through it).
+        """Lens logits of ``vectors`` [..., d] -> [..., V], float32 and differentiable.
+
+        The model's own head applied to hidden states (used to optimise through it).
 
         Gradients flow to ``vectors`` in every dtype, and to the head's weights only for a
         float32 model (a half-precision model's head runs on detached float32 copies).
@@ -122,10 +142,12 @@ class VocabularyLens(nn.Module):
         return self.unembed_logits(h)
 
     def unembed_logits(self, hidden: Tensor) -> Tensor:
-        """The LM head alone on hidden states that already went through the final norm (the
-        head's own input) [..., d] -> [..., V]: unembedding, bias and soft-capping in float32,
-        differentiable with respect to ``hidden``. ``capture`` computes a half-precision
-        model's loss with it, so the loss and its VJPs start in float32."""
+        """The LM head alone on final-normed hidden states (the head's own input).
+
+        [..., d] -> [..., V]: unembedding, bias and soft-capping in float32, differentiable with
+        respect to ``hidden``. ``capture`` computes a half-precision model's loss with it, so
+        the loss and its VJPs start in float32.
+        """
         _, weight, bias = self._float32_head()
         out = F.linear(hidden.to(weight.device, weight.dtype), weight, bias)
         if self.softcap:
@@ -133,8 +155,10 @@ class VocabularyLens(nn.Module):
         return out.float()
 
     def _float32_head(self) -> tuple[list[nn.Module], Tensor, Tensor | None]:
-        """The final norm modules, unembedding and bias in float32 (copies of half-precision
-        weights; a float64 model's are used as they are)."""
+        """The final norm modules, unembedding and bias in float32.
+
+        Copies of half-precision weights; a float32 or float64 model's are used as they are.
+        """
         if self.unembed.device.type == "meta":
             raise PlacementError(
                 "the LM head was offloaded to disk (meta device); the lens needs it in memory: "

@@ -42,6 +42,12 @@ class LowRankGradient:
     name: str = ""
 
     def __post_init__(self) -> None:
+        """Check that the factors are [n, d_in] and [n, d_out] and that ``layout`` is known.
+
+        Raises:
+            ValueError: if a factor is not 2-D, their numbers of rows differ, or ``layout`` is
+                neither ``"in_out"`` nor ``"out_in"``.
+        """
         if self.x.ndim != 2 or self.delta.ndim != 2 or self.x.shape[0] != self.delta.shape[0]:
             raise ValueError(
                 f"factors must be [n, d_in] and [n, d_out]; got {tuple(self.x.shape)} and "
@@ -77,7 +83,7 @@ class LowRankGradient:
         return r1, r2
 
     def _core(self) -> Tensor:
-        """n x n matrix with the same non-zero singular values as the gradient.
+        """An n x n matrix with the same non-zero singular values as the gradient.
 
         With X^T = Q1 R1 and Delta^T = Q2 R2 (thin QR), X^T Delta = Q1 (R1 R2^T) Q2^T,
         so the singular values of X^T Delta are those of R1 R2^T. Computed in float64.

@@ -17,9 +17,15 @@ def _short(token: str, width: int = 9) -> str:
 
 
 def figure_explanation(expl: Explanation) -> Any:
-    """Two panels, layers x prompt tokens: FF1 (top token of x_i) and FF2 (bottom token of
-    delta_i), coloured by the VJP norm as in the paper's figures (FF1: ||delta_i^FF1||, FF2:
-    ||delta_i||); the gradient's rank is printed per layer."""
+    """Draw the paper's Fig. 4 for one explanation: two panels of layers x prompt tokens.
+
+    FF1 shows the top token of each x_i and FF2 the bottom token of each delta_i, coloured by
+    the VJP norm as in the paper's figures (FF1: ||delta_i^FF1||, FF2: ||delta_i||); the
+    gradient's rank is printed per layer (paper Fig. 4 and App. E).
+
+    Returns:
+        The matplotlib ``Figure`` (Agg backend; the caller saves or closes it).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -58,18 +64,21 @@ def figure_explanation(expl: Explanation) -> Any:
         ax.set_xticks(
             range(n), [_short(t, 10) for t in expl.tokens], rotation=45, ha="right", fontsize=7
         )
-        ranks = [getattr(lr, name).rank for lr in expl.layers]
+        ranks = [getattr(layer_reading, name).rank for layer_reading in expl.layers]
         ax.set_yticks(
             range(n_layers),
-            [f"{lr.layer} (r={r})" for lr, r in zip(expl.layers, ranks, strict=True)],
+            [
+                f"{layer_reading.layer} (r={r})"
+                for layer_reading, r in zip(expl.layers, ranks, strict=True)
+            ],
             fontsize=6.5,
         )
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("layer (gradient rank)", fontsize=8)
     lens = "normalised lens" if expl.normalized else "logit lens"
     fig.suptitle(
-        f"{expl.model}: {expl.prompt!r} → {expl.target['token']!r} "
-        f"(model says {expl.prediction['token']!r}, loss {expl.loss:.2f}; {lens})",
+        f"{expl.model}: {expl.prompt!r} → {expl.target.token!r} "
+        f"(model says {expl.prediction.token!r}, loss {expl.loss:.2f}; {lens})",
         fontsize=9,
     )
     fig.tight_layout()

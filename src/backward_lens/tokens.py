@@ -1,4 +1,4 @@
-"""The one encoding contract: prompts, targets, subjects and token labels for any tokenizer.
+r"""The one encoding contract: prompts, targets, subjects and token labels for any tokenizer.
 
 Every entry point (capture and explain, scoring and evaluation, the study's segments, every editor,
 the viewer) tokenises through this module, so one (prompt, target) pair means the same tokens
@@ -18,7 +18,7 @@ everywhere. The contract, following lm-evaluation-harness (``_encode_pair``):
 4. A subject is located by character offsets in the prompt, after stripping its surrounding white
    space; the subject's tokens are those whose characters overlap it.
 5. Token labels are readable and distinct: byte pieces of multi-byte characters are shown as
-   ``\\xNN`` escapes instead of ``'�'``, SentencePiece's ``▁`` as a space.
+   ``\xNN`` escapes instead of ``'�'``, SentencePiece's ``▁`` as a space.
 """
 
 from __future__ import annotations
@@ -61,8 +61,11 @@ class EncodedRequest:
 
     @property
     def input_ids(self) -> tuple[int, ...]:
-        """What the model reads: the prompt, then ``target_ids[:-1]`` (teacher forcing), so that
-        position ``len(prompt_ids) - 1 + j`` predicts ``target_ids[j]``."""
+        """What the model reads: the prompt, then ``target_ids[:-1]`` (teacher forcing).
+
+        Position ``len(prompt_ids) - 1 + j`` predicts ``target_ids[j]``; the length is the n of
+        every captured factor.
+        """
         return self.prompt_ids + self.target_ids[:-1]
 
     @property
@@ -164,8 +167,11 @@ def encode_continuation(tokenizer: Any, prompt: str, target: str) -> tuple[list[
 
 
 def continuation_text(tokenizer: Any, context: Sequence[int], ids: Sequence[int]) -> str:
-    """The text ``ids`` add after ``context`` (decoded in context, so SentencePiece's leading
-    ``▁`` becomes a space); contains ``'\\ufffd'`` if ``ids`` end inside a character."""
+    r"""The text ``ids`` add after ``context``.
+
+    Decoded in context, so SentencePiece's leading ``▁`` becomes a space; contains ``'\ufffd'``
+    if ``ids`` end inside a character.
+    """
     before = tokenizer.decode(list(context), skip_special_tokens=True)
     after = tokenizer.decode([*context, *ids], skip_special_tokens=True)
     return after[len(before) :] if after.startswith(before) else tokenizer.decode(list(ids))
@@ -257,14 +263,21 @@ def locate_subject(
     occurrence: int = 0,
     search_from: int = 0,
 ) -> tuple[list[int], tuple[int, int]]:
-    """Encode ``prompt`` (as :func:`encode_text`, unless its ``ids`` are given) and find the
-    subject's tokens in it.
+    """Find the subject's tokens in ``prompt``, encoded as :func:`encode_text` unless ``ids`` given.
 
     The subject is stripped of surrounding white space and found in the prompt's characters
     (``occurrence``-th occurrence at or after character ``search_from``, 0 = first; ROME puts
     sampled prefixes before the prompt and searches after them); its tokens are those whose
     character offsets overlap it, so a leading-space token (``" Tower"``) or a token merged with a
     neighbour (``"Messi's"``) counts, and a token outside the subject (``" is"``) never does.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt: the text holding the subject.
+        subject: the subject's words.
+        ids: the prompt's ids if already encoded (must be :func:`encode_text` of ``prompt``).
+        occurrence: which occurrence of the subject (0 = first).
+        search_from: the character of ``prompt`` the search starts at.
 
     Returns:
         ``(ids, (start, end))``: the prompt's ids (prefix special tokens included) and the
@@ -291,11 +304,11 @@ def locate_subject(
 
 
 def token_spans(tokenizer: Any, text: str, ids: Sequence[int]) -> list[tuple[int, int]]:
-    """Character span ``[a, b)`` of each token of ``ids`` (= :func:`encode_text` of ``text``);
-    ``(0, 0)`` for special tokens.
+    """Character span ``[a, b)`` of each token of ``ids`` (= :func:`encode_text` of ``text``).
 
-    Fast tokenizers report offsets; for slow ones growing prefixes are decoded (O(n^2) decoding,
-    fine for prompts) and each token gets the characters it adds.
+    Special tokens get ``(0, 0)``. Fast tokenizers report offsets; for slow ones growing
+    prefixes are decoded (O(n^2) decoding, fine for prompts) and each token gets the characters
+    it adds.
     """
     ids = list(ids)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -328,8 +341,10 @@ def token_spans(tokenizer: Any, text: str, ids: Sequence[int]) -> list[tuple[int
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte
-    (Radford et al. 2019, ``bytes_to_unicode`` in the GPT-2 release)."""
+    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte.
+
+    Source: Radford et al. 2019, ``bytes_to_unicode`` in the GPT-2 release.
+    """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += list(range(ord("®"), ord("ÿ") + 1))
     chars = list(printable)
@@ -346,8 +361,12 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _scheme(tokenizer: Any) -> str:
-    """How vocabulary pieces spell bytes: ``byte_level`` (GPT-2 ``Ġ``), ``sentencepiece`` (``▁``
-    and ``<0xNN>``) or ``text`` (anything else: labels come from ``decode``)."""
+    """How vocabulary pieces spell bytes.
+
+    Returns:
+        ``"byte_level"`` (GPT-2 ``Ġ``), ``"sentencepiece"`` (``▁`` and ``<0xNN>``) or ``"text"``
+        (anything else: labels come from ``decode``).
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = str(getattr(backend, "decoder", "")) if backend is not None else ""
     if "ByteLevel" in decoder:
@@ -372,11 +391,11 @@ def _piece_bytes(piece: str, scheme: str) -> bytes | None:
 
 
 def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """A readable, context-free label for each token id.
+    r"""A readable, context-free label for each token id.
 
     Whole characters read as text, with a leading space where the token has one (SentencePiece
     ``▁Rome`` -> ``" Rome"``); bytes that are not a whole UTF-8 character are escaped
-    (``'\\xf0\\x9f'``), so the pieces of one emoji get distinct labels instead of ``'�'`` each;
+    (``'\xf0\x9f'``), so the pieces of one emoji get distinct labels instead of ``'�'`` each;
     special tokens keep their names (``<s>``). Token ids stay the identity: JSON outputs carry them.
     """
     scheme = _scheme(tokenizer)

@@ -1,34 +1,85 @@
-"""Arguments and helpers shared by several subcommands."""
+"""Arguments and helpers shared by several subcommands (the model, shards, the Ray backend).
+
+``parse_layers`` and ``positive_int`` live in :mod:`backward_lens.commands.options` and are
+re-exported here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from backward_lens import checks
+from backward_lens.commands.options import (
+    add_config_arguments,
+    add_shared,
+    config_from_args,
+    parse_layers,
+    positive_int,
+)
 from backward_lens.distributed.shards import Shard, resolve_shard
 from backward_lens.errors import InputError
 from backward_lens.models import BUILTIN_MODELS, DEFAULT_MODEL, LensModel, load_model
 
+__all__ = [
+    "ModelOptions",
+    "add_model_arguments",
+    "add_ray_arguments",
+    "add_shard_argument",
+    "check_layer_list",
+    "check_model_args",
+    "model_from_args",
+    "parse_layers",
+    "positive_int",
+    "ray_from_args",
+    "shard_from_args",
+]
+
+
+@dataclass
+class ModelOptions:
+    """Which model to load and where: the options every model-loading command shares.
+
+    Attributes:
+        model: a built-in name, Hugging Face hub id, local folder or ``.gguf`` file.
+        dtype: the weights' floating-point type.
+        device: where the model runs (None: cpu).
+        device_map: ``"auto"`` spreads a large model over the devices (None: one device).
+    """
+
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={
+            "help": f"built-in name ({', '.join(BUILTIN_MODELS)}), Hugging Face hub id, local "
+            "model folder, or .gguf file"
+        },
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "floating-point type of the weights",
+            "choices": ["float32", "bfloat16", "float16", "float64"],
+        },
+    )
+    device: str | None = field(
+        default=None,
+        metadata={"help": "cpu, cuda, cuda:1 ...", "default_help": "cpu", "metavar": "DEVICE"},
+    )
+    device_map: str | None = field(
+        default=None,
+        metadata={
+            "help": '"auto" to spread a large model over the devices',
+            "default_help": "none",
+            "metavar": "MAP",
+        },
+    )
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="SPEC",
-        help=(
-            f"built-in name ({', '.join(BUILTIN_MODELS)}), Hugging Face hub id, local model "
-            f"folder, or .gguf file (default: {DEFAULT_MODEL})"
-        ),
-    )
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"]
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
-    parser.add_argument(
-        "--device-map", default=None, help='"auto" to spread a large model over the devices'
-    )
+    """Add ``--model``, ``--dtype``, ``--device``, ``--device-map`` (:class:`ModelOptions`)."""
+    add_config_arguments(parser, ModelOptions)
 
 
 def check_model_args(args: argparse.Namespace) -> None:
@@ -39,32 +90,8 @@ def check_model_args(args: argparse.Namespace) -> None:
 def model_from_args(args: argparse.Namespace) -> LensModel:
     """Load ``--model`` with ``--dtype``/``--device``/``--device-map`` (device checked first)."""
     check_model_args(args)
-    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"0,5,10-12,-1"`` -> [0, 5, 10, 11, 12, -1]; None or "all" -> None (every layer)."""
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    layers: list[int] = []
-    for piece in text.split(","):
-        piece = piece.strip()
-        try:
-            if "-" in piece[1:]:
-                lo, hi = piece[0] + piece[1:].split("-", 1)[0], piece[1:].split("-", 1)[1]
-                first, last = int(lo), int(hi)
-            else:
-                first = last = int(piece)
-        except ValueError:
-            raise InputError(
-                f"cannot read layers {text!r}; use indices and ranges such as 0,5,10-12,-1"
-            ) from None
-        if last < first:
-            raise InputError(
-                f"the layer range {piece} in {text!r} is reversed; write {last}-{first}"
-            )
-        layers.extend(range(first, last + 1))
-    return layers
+    o = config_from_args(ModelOptions, args)
+    return load_model(o.model, dtype=o.dtype, device=o.device, device_map=o.device_map)
 
 
 def check_layer_list(layers: list[int] | None, n_layers: int, what: str) -> None:
@@ -73,23 +100,20 @@ def check_layer_list(layers: list[int] | None, n_layers: int, what: str) -> None
         checks.layers(what, layers, n_layers)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of 1 or more."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def add_shard_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--shard K/N``: run the K-th of N parts (K from 0); see ``distributed/shards.py``.
 
-
-def add_shard_argument(parser: argparse.ArgumentParser, what: str = "records") -> None:
-    """``--shard K/N``: run the K-th of N parts (K from 0); see ``distributed/shards.py``."""
-    parser.add_argument(
+    Args:
+        parser: the command's parser.
+        what: which units part K takes, e.g. ``"the grid points p with p mod N == K"``.
+    """
+    add_shared(
+        parser,
         "--shard",
+        f"{what}, written to this part's own file in --out; the summary merges every part "
+        "(default: from RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set, "
+        "else 0/1)",
         default=None,
-        metavar="K/N",
-        help=f"run only part K of N (K from 0: {what} i with i mod N == K) and write this "
-        "part's own results file in --out; the summary merges every part. Default: from "
-        "RANK/WORLD_SIZE or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set, else 0/1",
     )
 
 
@@ -104,21 +128,21 @@ def shard_from_args(args: argparse.Namespace) -> Shard:
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     """``--workers``, ``--ray-address``, ``--gpus-per-worker``: the optional Ray backend."""
-    parser.add_argument(
+    add_shared(
+        parser,
         "--workers",
+        "(each loads the model once and pulls batches of records; this process writes the "
+        "results): a local Ray cluster, or the one at --ray-address / RAY_ADDRESS. Needs: pip "
+        "install 'backward-lens[ray]' (default: compute in this process)",
         type=positive_int,
         default=None,
-        metavar="N",
-        help="compute on N Ray workers (each loads the model once and pulls batches of "
-        "records; this process writes the results): a local Ray cluster, or the one at "
-        "--ray-address / RAY_ADDRESS. Needs: pip install 'backward-lens[ray]'",
     )
-    parser.add_argument(
+    add_shared(
+        parser,
         "--ray-address",
+        "(e.g. ray://head:10001 or auto) (default with --workers: RAY_ADDRESS when set, else a "
+        "new local cluster)",
         default=None,
-        metavar="ADDR",
-        help="use the existing Ray cluster at ADDR (e.g. ray://head:10001 or auto); default "
-        "with --workers: RAY_ADDRESS when set, else a new local cluster",
     )
     parser.add_argument(
         "--gpus-per-worker",
@@ -126,7 +150,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="G",
         help="GPUs each Ray worker reserves (0.5: two small models share a GPU; 2 with "
-        "--device-map auto: a model spread over two GPUs) (0)",
+        "--device-map auto: a model spread over two GPUs) (default: 0)",
     )
 
 

@@ -6,19 +6,15 @@ import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from backward_lens import checks
 from backward_lens.batching import eval_mode, pad_id
-from backward_lens.commands.common import (
-    add_model_arguments,
-    check_model_args,
-    model_from_args,
-    parse_layers,
-    positive_int,
-)
+from backward_lens.commands.common import add_model_arguments, check_model_args, model_from_args
+from backward_lens.commands.options import add_json_flag, parse_layers, positive_int
 from backward_lens.errors import InputError
 from backward_lens.tokens import encode_text
 
@@ -43,10 +39,12 @@ Examples:
   backward-lens edit --load edits/darrieux --paraphrase "Danielle Darrieux spoke"
   backward-lens edit --method rome --layer 6 --hparam v_steps=25 --subject "Eiffel Tower" \\
       --prompt "The Eiffel Tower is located in the city of" --target " Rome" --json
+  (--json prints the JSON alone; --json FILE writes it and prints the text as usual)
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add edit's options."""
     p.add_argument("--method", default="shift", help="editing method (default: shift)")
     p.add_argument("--prompt", default=None, help="the edit prompt, subject included")
     p.add_argument(
@@ -59,9 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--layer",
         default=None,
-        help="layer to edit (memit: a list such as 3-7); default: per model",
+        metavar="LAYERS",
+        help="layer to edit (memit: a list such as 3-7) (default: per model)",
     )
-    p.add_argument("--eta", type=float, default=None, help="shift step size (shift methods)")
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        metavar="X",
+        help="shift step size (shift methods) (default: per model)",
+    )
     p.add_argument(
         "--hparam",
         action="append",
@@ -84,25 +89,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a related fact that should NOT change (repeatable)",
     )
     p.add_argument(
-        "--max-new-tokens", type=positive_int, default=12, help="continuation length (12)"
+        "--max-new-tokens",
+        type=positive_int,
+        default=12,
+        metavar="N",
+        help="continuation length in tokens (default: 12)",
     )
     p.add_argument("--save", metavar="DIR", help="write the edit to this folder")
     p.add_argument("--load", metavar="DIR", help="apply a saved edit instead of computing one")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_flag(p)
     add_model_arguments(p)
 
 
 def parse_hparams(args: argparse.Namespace) -> dict[str, Any]:
-    """--hparam KEY=VALUE (JSON values), --layer and --eta as one dict, values checked."""
+    """Read ``--hparam KEY=VALUE`` (JSON values), ``--layer`` and ``--eta`` into one dict.
+
+    Raises:
+        InputError: an unreadable item, a layer list for a one-layer method, ``--eta`` for a
+            method without one, or a value the method refuses.
+    """
     hp: dict[str, Any] = {}
-    for item in args.hparam:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--hparam takes KEY=VALUE, got {item!r}")
-        try:
-            hp[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            hp[key.strip()] = value
+    from backward_lens.evaluation.methods import parse_hparam
+
+    for item in args.hparam:  # the one KEY=VALUE syntax, shared with evaluate --method
+        key, value = parse_hparam(item, "in --hparam")
+        hp[key] = value
     if args.layer is not None:
         layers = parse_layers(args.layer)
         if layers is None:
@@ -127,6 +138,8 @@ SUBJECT_METHODS = ("rome", "memit")
 
 @dataclass
 class Continuation:
+    """Greedy continuations of one prompt before and after the edit, and P(target) at its end."""
+
     kind: str
     prompt: str
     before: str
@@ -154,7 +167,11 @@ def _greedy(lm: Any, prompt: str, n: int, target: int | None) -> tuple[str, floa
 
 
 def run(args: argparse.Namespace) -> int:
-    from backward_lens import checks
+    """Compute (or load) the edit, print continuations before and after, revert; returns 0.
+
+    Raises:
+        InputError: a bad option or hyper-parameter (one line, before the model loads).
+    """
     from backward_lens.editing import Edit, RewriteRequest, get_editor
     from backward_lens.editing.base import check_edit_fits, check_save_path
 
@@ -163,6 +180,9 @@ def run(args: argparse.Namespace) -> int:
     checks.nonblank_texts("--neighborhood", args.neighborhood)
     if args.save is not None:
         check_save_path(args.save)
+    json_path: Path | None = None
+    if args.json not in (None, "-"):
+        json_path = checks.output_files({"--json": args.json})["--json"]
     check_model_args(args)
     edit: Edit | None = None
     hparams: dict[str, Any] = {}
@@ -198,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     assert edit is not None
     target_id = None
     if args.target:
-        from backward_lens.editing.common import edit_tokens
+        from backward_lens.editing.request_tokens import edit_tokens
 
         target_id = edit_tokens(lm, args.prompt, args.target).first_target
     prompts = (
@@ -227,14 +247,22 @@ def run(args: argparse.Namespace) -> int:
         "target": args.target,
         "continuations": [asdict(r) for r in rows],
     }
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(format_result(result))
+    text = json.dumps(result, indent=2, default=str)
+    if args.json == "-":  # the JSON alone on stdout
+        print(text)
+        return 0
+    if json_path is not None:
+        from backward_lens.io import atomic_write_text
+
+        atomic_write_text(json_path, text + "\n")
+    print(format_result(result))
+    if json_path is not None:
+        print(f"wrote json: {json_path}")
     return 0
 
 
 def format_result(result: dict[str, Any]) -> str:
+    """The edit's result (as printed by ``--json``) as readable text."""
     hp = ", ".join(f"{k}={v}" for k, v in result["hparams"].items())
     source = (
         f"loaded from {result['loaded_from']}"

@@ -13,9 +13,15 @@ from backward_lens.commands.common import (
     add_shard_argument,
     check_model_args,
     model_from_args,
-    positive_int,
     ray_from_args,
     shard_from_args,
+)
+from backward_lens.commands.options import (
+    add_config_arguments,
+    add_run_folder_flags,
+    add_shared,
+    config_from_args,
+    positive_int,
 )
 from backward_lens.data import load_records
 from backward_lens.errors import InputError
@@ -30,10 +36,11 @@ target token is the greedy argmax; neighbourhood = the true object stays argmax)
 (P(new) > P(true), reversed for neighbourhood) and magnitudes, n-gram entropy of sampled text
 (fluency), perplexity on a built-in offline text set, and the wall time of the edit.
 
-Results stream to OUT/results.jsonl, one line per (record, method); --resume continues an
-interrupted run without recomputing anything, and adding methods or records to a finished run
-only computes what is new. OUT/summary.md and OUT/summary.csv give mean ± std per method (x100
-for fractions and entropies), with the unedited model as the first row.
+Results stream to OUT/results.jsonl, one line per (record, method). A folder that already holds
+results is refused unless you say what to do with them: --resume continues an interrupted run
+without recomputing anything (adding methods or records to a finished run only computes what is
+new); --fresh discards those results and starts again. OUT/summary.md and OUT/summary.csv give
+mean ± std per method (x100 for fractions and entropies), with the unedited model first.
 
 A METHOD is an editor name (unedited, shift, shift-adaptive, ft, ft-early, ft-late, rome, memit,
 as registered) optionally with hyper-parameters: NAME:key=value,key=value (values read as JSON).
@@ -44,8 +51,9 @@ this process writes the results (so --resume works the same), --gpus-per-worker 
 on GPUs. Needs the extra: pip install 'backward-lens[ray]'.
 
 Split a long run over processes with --shard K/N (K from 0; also read from RANK/WORLD_SIZE or a
-Slurm array): part K takes records i with i mod N == K and writes OUT/results.shard-K-of-N.jsonl;
-the summary merges every part, so any launcher can run the parts side by side.
+Slurm array): part K takes the groups of --group-size records g with g mod N == K (group g is
+records [g*G, (g+1)*G)) and writes OUT/results.shard-K-of-N.jsonl; the summary merges every part,
+bit-equal to one process, so any launcher can run the parts side by side.
 
 Examples:
   backward-lens evaluate --method shift --method shift-adaptive \\
@@ -60,6 +68,9 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add evaluate's options; the measuring settings come from :class:`EvalSettings`."""
+    from backward_lens.evaluation import EvalSettings
+
     p.add_argument(
         "--method",
         action="append",
@@ -68,60 +79,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="editing method, repeatable (e.g. shift, rome, 'ft:layer=0', 'shift:eta=0.5')",
     )
     add_model_arguments(p)
-    p.add_argument("--data", metavar="FILE", help="CounterFact JSON (EasyEdit or ROME layout)")
-    p.add_argument(
+    add_shared(p, "--data", "CounterFact JSON (EasyEdit or ROME layout)")
+    add_shared(
+        p,
         "--records",
+        "the first N records of --data (default: all; the paper uses 1000)",
         type=positive_int,
         default=None,
-        metavar="N",
-        help="evaluate the first N records (default: all; the paper uses 1000)",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    add_shared(p, "--out", "the run folder (results.jsonl, summary.md, ...)", required=True)
+    add_run_folder_flags(p)
     p.add_argument(
         "--no-baseline", action="store_true", help="do not add the unedited model as a method"
     )
-    p.add_argument(
-        "--fluency-records",
-        type=int,
-        default=None,
-        metavar="K",
-        help="sample text for n-gram entropy on the first K records only (default: all; 0: off; "
-        "it costs ~100 sampled tokens per generation prompt per method)",
-    )
-    p.add_argument(
-        "--ppl-records",
-        type=int,
-        default=None,
-        metavar="K",
-        help="measure perplexity on the first K records only (default: all; 0: off; it costs "
-        "one forward pass over 48 sentences per record and method)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=32,
-        help="sequences per forward pass (1 = one prompt at a time) (32)",
-    )
-    p.add_argument(
-        "--group-size",
-        type=positive_int,
-        default=16,
-        help="records whose edited prompts share forward passes (16)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the fluency sampling (0)")
+    add_config_arguments(p, EvalSettings)
     p.add_argument(
         "--summary-only",
         action="store_true",
         help="only rebuild summary.md/summary.csv from --out/results.jsonl (and its shards)",
     )
-    add_shard_argument(p)
+    add_shard_argument(p, "the groups of --group-size records g with g mod N == K")
     add_ray_arguments(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    add_shared(p, "--quiet", "no progress bar, no table", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate the methods over the records (or only rebuild the summary); returns 0.
+
+    Raises:
+        InputError: a bad option, method or folder (one line, before the model loads).
+    """
     from backward_lens.evaluation import EvalSettings, evaluate, write_summary
     from backward_lens.evaluation.harness import UNEDITED, check_methods
 
@@ -140,13 +127,7 @@ def run(args: argparse.Namespace) -> int:
         ):
             if value is not None and value < 0:
                 raise InputError(f"{name} must be 0 or more, got {value}")
-        settings = EvalSettings(
-            batch_size=args.batch_size,
-            group_size=args.group_size,
-            fluency_records=args.fluency_records,
-            ppl_records=args.ppl_records,
-            seed=args.seed,
-        )
+        settings = config_from_args(EvalSettings, args)
         check_methods(methods)
         shard = shard_from_args(args)
         checks.output_folder(out, "--out")
@@ -157,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             "settings": settings,
             "data": str(Path(args.data).resolve()),
             "resume": args.resume,
-            "overwrite": args.overwrite,
+            "overwrite": args.fresh,
             "progress": not args.quiet,
             "shard": shard,
         }

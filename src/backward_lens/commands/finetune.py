@@ -6,12 +6,8 @@ import argparse
 from pathlib import Path
 
 from backward_lens import checks
-from backward_lens.commands.common import (
-    add_model_arguments,
-    model_from_args,
-    parse_layers,
-    positive_int,
-)
+from backward_lens.commands.common import add_model_arguments, model_from_args
+from backward_lens.commands.options import add_config_arguments, add_shared, config_from_args
 from backward_lens.errors import InputError
 
 NAME = "finetune"
@@ -39,63 +35,30 @@ Example (the Eiffel Tower moved to Rome on the default model; the README's demon
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="FILE.jsonl", help='one {"text": ...} a line')
-    p.add_argument("--steps", required=True, type=positive_int, help="optimizer steps")
-    p.add_argument(
-        "--lens-every", type=positive_int, default=10, metavar="K", help="read every K steps (10)"
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder (new or empty)")
+    """Add finetune's options: the fields of :class:`FinetuneConfig`, the data, the model."""
+    from backward_lens.training.finetune import FinetuneConfig
+
+    add_shared(p, "--data", 'a JSON-lines file, one {"text": ...} a line', required=True)
+    add_shared(p, "--out", "the run folder (new or empty)", required=True)
     add_model_arguments(p)
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (1e-4)")
-    p.add_argument(
-        "--schedule", default="constant", choices=["constant", "linear", "cosine"], help="lr"
-    )
-    p.add_argument("--batch-size", type=positive_int, default=4, help="texts per micro-batch (4)")
-    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (1)")
-    p.add_argument("--max-length", type=positive_int, default=64, help="tokens per text (64)")
-    p.add_argument("--seed", type=int, default=0, help="shuffling seed (0)")
-    p.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 for none (1.0)"
-    )
-    p.add_argument(
-        "--train-layers", default=None, help="train only these blocks, e.g. 20-29 (default all)"
-    )
-    p.add_argument("--layers", default=None, help="layers the lens reads (default all)")
-    p.add_argument("--matrices", default="ff1,ff2", help="matrices read: ff1,ff2 (+gate,q,k,v,o)")
-    p.add_argument("--directions", type=positive_int, default=3, help="directions per matrix (3)")
-    p.add_argument("--top-k", type=positive_int, default=5, help="words per direction (5)")
-    p.add_argument("--tensorboard", action="store_true", help="also log to DIR/tensorboard")
-    p.add_argument("--save-model", action="store_true", help="save the model to DIR/model")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_config_arguments(p, FinetuneConfig)
+    add_shared(p, "--quiet", "no progress bar, no summary", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Fine-tune with the lens on, write the run folder and report; returns 0.
+
+    Raises:
+        InputError: a bad option, data file or folder (one line, before the model loads).
+    """
     from backward_lens.training.data import load_texts
     from backward_lens.training.finetune import FinetuneConfig, finetune
     from backward_lens.training.runlog import check_run_folder
 
     # Every user mistake is refused here, before the model is loaded.
-    matrices = [m.strip() for m in args.matrices.split(",") if m.strip()]
-    if not matrices:
+    config = config_from_args(FinetuneConfig, args)
+    if not config.matrices:
         raise InputError("--matrices is empty; give names such as ff1,ff2")
-    config = FinetuneConfig(
-        steps=args.steps,
-        lens_every=args.lens_every,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_length=args.max_length,
-        seed=args.seed,
-        train_layers=parse_layers(args.train_layers),
-        layers=parse_layers(args.layers),
-        matrices=matrices,
-        directions=args.directions,
-        top_tokens=args.top_k,
-        max_grad_norm=args.max_grad_norm,
-        schedule=args.schedule,
-        tensorboard=args.tensorboard,
-        save_model=args.save_model,
-    )
     config.check()
     out = check_run_folder(checks.output_folder(args.out, "--out"))
     checks.not_current_folder(out, "--out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from backward_lens.commands.common import add_model_arguments, model_from_args
+from backward_lens.commands.options import add_shared
 from backward_lens.errors import InputError
 
 NAME = "serve"
@@ -28,12 +29,19 @@ Example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add serve's options."""
     add_model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument(
-        "--port", type=int, default=8000, help="port (default 8000; 0 picks a free port)"
+        "--host", default="127.0.0.1", metavar="ADDR", help="address to bind (default: 127.0.0.1)"
     )
-    p.add_argument("--quiet", action="store_true", help="do not log each request")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        metavar="N",
+        help="port; 0 picks a free port (default: 8000)",
+    )
+    add_shared(p, "--quiet", "do not log each request", action="store_true")
     p.add_argument(
         "--runs",
         action="append",
@@ -43,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve the viewer until interrupted; returns 0.
+
+    Raises:
+        InputError: a bad port or runs folder, or a port that cannot be bound.
+    """
     from backward_lens.web.app import ViewerApp
     from backward_lens.web.pool import ModelPool
     from backward_lens.web.server import make_server

@@ -10,9 +10,17 @@ from backward_lens.commands.common import (
     add_ray_arguments,
     add_shard_argument,
     check_model_args,
-    positive_int,
     ray_from_args,
     shard_from_args,
+)
+from backward_lens.commands.options import (
+    add_config_arguments,
+    add_deprecated_alias,
+    add_run_folder_flags,
+    add_shared,
+    config_from_args,
+    positive_int,
+    signature_default,
 )
 from backward_lens.errors import InputError
 
@@ -25,7 +33,8 @@ CounterFact in the EasyEdit or ROME layout, ROME's known_1000.json, or your own 
 self-contained HTML page), the aggregated numbers (aggregate.csv / aggregate.json), the per-record
 raw values (raw.jsonl, streamed: an interrupted run resumes where it stopped) and summary.md, the
 finding in numbers with the paper's for comparison, the skipped records and the time per record.
-Running again on a finished folder only redraws (no model is loaded).
+Running again on a finished folder only redraws (no model is loaded): a run folder is resumed
+by default (--resume says so explicitly), and --fresh discards its raw values to start again.
 
 experiments:
   rank           share of prompts whose FF1/FF2 gradient has rank n, per layer (Fig. 3)
@@ -43,7 +52,8 @@ Segments follow ROME: first subject token, middle subject tokens, last subject t
 subsequent token, further tokens, last token (+ tokens before the subject, + BOS).
 
 Split a run over processes with --shard K/N (K from 0; also read from RANK/WORLD_SIZE or a Slurm
-array): part K computes the sampled records i with i mod N == K into OUT/raw.shard-K-of-N.jsonl,
+array): part K computes the batches of --batch-size sampled records b with b mod N == K (batch b
+is records [b*B, (b+1)*B)) into OUT/raw.shard-K-of-N.jsonl,
 and the aggregate, figure and summary are built from every part found (run any part again, once
 all have finished, to rebuild them from the complete set).
 
@@ -55,14 +65,17 @@ On a machine shared with other jobs, run with OMP_NUM_THREADS=1: torch threads c
 cores can make a run many times slower.
 
 Examples:
-  backward-lens study rank --data counterfact-edit.json --n 100 --seed 0 --out runs/smol/rank
+  backward-lens study rank --data counterfact-edit.json --records 100 --seed 0 --out runs/smol/rank
   backward-lens study rank --data counterfact-edit.json --model gemma3-270m --out runs/gemma/rank
   backward-lens study compare runs/smol/rank runs/gemma/rank --out runs/compare/rank
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add study's options (defaults: :func:`run_study`'s and :class:`StudyOptions`')."""
+    from backward_lens.study.base import StudyOptions
     from backward_lens.study.experiments import EXPERIMENTS
+    from backward_lens.study.runner import run_study
 
     p.add_argument(
         "experiment",
@@ -77,47 +90,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="compare only: output folders of earlier runs",
     )
-    p.add_argument(
-        "--data",
-        metavar="FILE",
-        help="records: CounterFact (EasyEdit or ROME layout), known_1000.json, or JSONL",
+    add_shared(p, "--data", "CounterFact (EasyEdit or ROME layout), known_1000.json, or JSONL")
+    n = signature_default(run_study, "n")
+    records = add_shared(
+        p,
+        "--records",
+        f"N records sampled from --data with --seed (default: {n})",
+        type=positive_int,
+        default=n,
     )
-    p.add_argument("--n", type=positive_int, default=100, help="records to sample (100)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    p.add_argument(
-        "--out", metavar="DIR", help="output folder (default: study/<model>/<experiment>)"
-    )
+    add_deprecated_alias(p, "--n", records)
+    seed = signature_default(run_study, "seed")
+    add_shared(p, "--seed", f"of the sampling (default: {seed})", type=int, default=seed)
+    add_shared(p, "--out", "the run folder (default: study/<model>/<experiment>)")
+    add_run_folder_flags(p)
     add_model_arguments(p)
-    p.add_argument(
-        "--batch-size", type=positive_int, default=16, help="records per capture batch (16)"
+    batch = signature_default(run_study, "batch_size")
+    add_shared(
+        p,
+        "--batch-size",
+        f"records per capture batch (default: {batch})",
+        type=positive_int,
+        default=batch,
     )
-    p.add_argument(
-        "--layer",
-        type=int,
-        default=None,
-        help="neurons / imprint-shift: the block to study (default: 61%% / 50%% of the depth)",
-    )
-    p.add_argument("--lr", type=float, default=1.0, help="imprint-shift: SGD learning rate (1.0)")
-    p.add_argument(
-        "--top", type=positive_int, default=100, help="neurons: top tokens compared (100)"
-    )
-    p.add_argument(
-        "--max-neurons",
-        type=int,
-        default=512,
-        help="neurons: analyse this many highest-norm neurons per matrix, 0 = all (512)",
-    )
-    p.add_argument(
-        "--fresh",
-        action="store_true",
-        help="discard earlier raw values in --out instead of resuming",
-    )
-    add_shard_argument(p, "sampled records")
+    add_config_arguments(p, StudyOptions)
+    add_shard_argument(p, "the batches of --batch-size sampled records b with b mod N == K")
     add_ray_arguments(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_shared(p, "--quiet", "no progress bar, no summary", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the experiment (or compare finished runs) and print its summary; returns 0.
+
+    Raises:
+        InputError: a bad option or folder (one line, before the model loads).
+    """
     if args.experiment == "compare":
         from backward_lens.study.compare import compare_studies
 
@@ -144,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         )
     from backward_lens.study.runner import check_options
 
-    options = StudyOptions(layer=args.layer, lr=args.lr, top=args.top, max_neurons=args.max_neurons)
+    options = config_from_args(StudyOptions, args)
     check_options(options)
     shard = shard_from_args(args)
     if args.out:
@@ -165,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         args.experiment,
         args.data,
         model=model,  # type: ignore[arg-type]
-        n=args.n,
+        n=args.records,
         seed=args.seed,
         out=args.out,
         options=options,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -10,12 +11,20 @@ import pandas as pd
 from backward_lens import checks
 from backward_lens.commands.common import (
     add_model_arguments,
+    add_ray_arguments,
     add_shard_argument,
     check_model_args,
     model_from_args,
+    ray_from_args,
+    shard_from_args,
+)
+from backward_lens.commands.options import (
+    add_config_arguments,
+    add_shared,
+    config_from_args,
     parse_layers,
     positive_int,
-    shard_from_args,
+    signature_default,
 )
 from backward_lens.data import load_records
 from backward_lens.errors import InputError
@@ -31,6 +40,12 @@ passes, each row carrying its own record's shift), and measures efficacy and par
 with the best neighbourhood score (then paraphrase accuracy, then the smaller eta), and writes
 OUT/sweep.csv, OUT/sweep.md and OUT/sweep.png (heatmaps and the trade-off curve).
 
+Fluency is protected: each grid point also samples continuations of the first
+--fluency-records records (n-gram entropy) and scores --ppl-texts perplexity texts with each of
+their edits, and a point whose entropy is more than --max-entropy-drop (5 %) below the unedited
+model's or whose perplexity is more than --max-perplexity-rise (10 %) above it is never chosen
+(sweep.csv says which points were rejected, and why).
+
 The default grid: 7 layers between a third of the depth and the last layer, and etas from 1/4 to
 3x the model's current default eta (editing/defaults.py).
 
@@ -39,6 +54,10 @@ Slurm array): part K computes the grid points p with p mod N == K (the unedited 
 layer by layer) and writes OUT/sweep.shard-K-of-N.json; the part that completes the set writes
 the table, or run `backward-lens sweep --summary-only --out DIR` once all parts are done.
 
+Or compute on Ray workers with --workers N (a local cluster; --ray-address ADDR or RAY_ADDRESS:
+an existing one): each worker loads the model and probes the records once, then computes the
+grid points it pulls; the table is the same. Needs: pip install 'backward-lens[ray]'.
+
 Example:
   backward-lens sweep --model smollm2-135m --data counterfact-val.json --records 64 \\
       --layers 9-27:3 --etas 0.3,0.6,0.9,1.2,1.8 --out runs/sweep-smollm2
@@ -46,40 +65,74 @@ Example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument(
-        "--data",
-        metavar="FILE",
-        help="held-out CounterFact file (e.g. counterfact-val.json)",
+    """Add sweep's options (defaults: :func:`shift_sweep`'s, :func:`choose`'s, FluencySettings)."""
+    from backward_lens.evaluation.sweep import (
+        MAX_ENTROPY_DROP,
+        MAX_PERPLEXITY_RISE,
+        FluencySettings,
+        choose,
+        shift_sweep,
     )
-    p.add_argument(
-        "--records",
-        type=positive_int,
-        default=64,
-        metavar="N",
-        help="records of the split to use (first N) (64)",
+
+    add_model_arguments(p)
+    add_shared(p, "--data", "held-out CounterFact file (e.g. counterfact-val.json)")
+    add_shared(
+        p, "--records", "the first N records of --data (default: 64)", type=positive_int, default=64
     )
     p.add_argument(
         "--layers",
         default=None,
+        metavar="LAYERS",
         help="candidate layers, e.g. 9,12,15 or 9-27:3 (every 3rd) (default: 7 layers)",
     )
-    p.add_argument("--etas", default=None, help="candidate etas, comma-separated")
+    p.add_argument(
+        "--etas",
+        default=None,
+        metavar="A,B",
+        help="candidate etas, comma-separated (default: 1/4 to 3x the model's default eta)",
+    )
+    min_efficacy = signature_default(choose, "min_efficacy")
     p.add_argument(
         "--min-efficacy",
         type=float,
-        default=0.95,
-        help="efficacy accuracy a chosen point must reach, 0..1 (0.95)",
+        default=min_efficacy,
+        metavar="X",
+        help=f"efficacy accuracy a chosen point must reach, 0..1 (default: {min_efficacy})",
     )
-    p.add_argument("--batch-size", type=positive_int, default=64, help="sequences per pass (64)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    add_shard_argument(p, "grid points")
+    add_config_arguments(p, FluencySettings)
+    p.add_argument(
+        "--max-entropy-drop",
+        type=float,
+        default=MAX_ENTROPY_DROP,
+        metavar="X",
+        help="largest relative drop of the n-gram entropy a chosen point may cause "
+        f"(default: {MAX_ENTROPY_DROP})",
+    )
+    p.add_argument(
+        "--max-perplexity-rise",
+        type=float,
+        default=MAX_PERPLEXITY_RISE,
+        metavar="X",
+        help="largest relative rise of the perplexity a chosen point may cause "
+        f"(default: {MAX_PERPLEXITY_RISE})",
+    )
+    batch = signature_default(shift_sweep, "batch_size")
+    add_shared(
+        p,
+        "--batch-size",
+        f"sequences per forward pass (default: {batch})",
+        type=positive_int,
+        default=batch,
+    )
+    add_shared(p, "--out", "sweep.csv, sweep.md, sweep.png (and the shards' parts)", required=True)
+    add_shard_argument(p, "the grid points p with p mod N == K")
+    add_ray_arguments(p)
     p.add_argument(
         "--summary-only",
         action="store_true",
         help="only merge the shards' parts in --out into sweep.csv/.md/.png (no model)",
     )
-    p.add_argument("--quiet", action="store_true", help="print only the chosen values")
+    add_shared(p, "--quiet", "print only the chosen values", action="store_true")
 
 
 def _layers(text: str | None, n_layers: int) -> list[int]:
@@ -114,10 +167,18 @@ def _etas(text: str | None, default_eta: float) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Sweep the grid (or this shard's part of it) and write the table; returns 0.
+
+    Raises:
+        InputError: a bad option, a folder of another split or settings, a missing part.
+    """
     from backward_lens.editing.defaults import editor_defaults
-    from backward_lens.evaluation.sweep import merge_parts, shift_sweep, write_part
+    from backward_lens.evaluation.sweep import FluencySettings, merge_parts, shift_sweep, write_part
 
     checks.number("--min-efficacy", args.min_efficacy, lo=0.0, hi=1.0, lo_open=False)
+    checks.number("--max-entropy-drop", args.max_entropy_drop, lo=0.0, hi=1.0, lo_open=False)
+    checks.number("--max-perplexity-rise", args.max_perplexity_rise, lo=0.0, lo_open=False)
+    fluency_settings = config_from_args(FluencySettings, args)
     if args.summary_only:
         out = checks.output_folder(args.out, "--out")
         df, settings, present, count = merge_parts(out)
@@ -138,30 +199,42 @@ def run(args: argparse.Namespace) -> int:
     shard = shard_from_args(args)
     out = checks.output_folder(args.out, "--out")
     check_model_args(args)
+    ray = ray_from_args(args)
     records = load_records(args.data, limit=args.records)
-    lm = model_from_args(args)
-    layers = _layers(args.layers, lm.n_layers)
-    etas = _etas(args.etas, float(editor_defaults(lm, "shift")["eta"]))
+    if ray is not None:  # the workers load the model and compute the points
+        from backward_lens.distributed.ray_backend import RaySweep
+
+        sweeper = RaySweep(*ray)
+        facts = sweeper.facts()
+        name, n_layers, default_eta = facts["model"], facts["n_layers"], facts["shift_eta"]
+    else:
+        lm = model_from_args(args)
+        name, n_layers = lm.name, lm.n_layers
+        default_eta = float(editor_defaults(lm, "shift")["eta"])
+    layers = _layers(args.layers, n_layers)
+    etas = _etas(args.etas, default_eta)
     settings = {
-        "model": lm.name,
+        "model": name,
         "data": str(Path(args.data).resolve()),
         "records": args.records,
         "layers": layers,
         "etas": etas,
+        "fluency": asdict(fluency_settings),
     }
     if shard.sharded:
         from backward_lens.evaluation.sweep import check_parts
 
         check_parts(out, shard, settings)  # before the work, not only when writing
-    df = shift_sweep(
-        lm,
-        records,
-        layers,
-        etas,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        shard=shard,
-    )
+    common = {
+        "batch_size": args.batch_size,
+        "progress": not args.quiet,
+        "shard": shard,
+        "fluency_settings": fluency_settings,
+    }
+    if ray is not None:
+        df = sweeper.sweep(records, layers, etas, **common)
+    else:
+        df = shift_sweep(lm, records, layers, etas, **common)
     if shard.sharded:
         part = write_part(out, shard, settings, df)
         merged, _, present, count = merge_parts(out)
@@ -181,11 +254,16 @@ def _write_table(
     args: argparse.Namespace, out: Path, df: pd.DataFrame, settings: dict[str, object]
 ) -> None:
     """Choose the point and write sweep.csv, sweep.md and sweep.png (atomically)."""
-    from backward_lens.evaluation.sweep import choose, plot_sweep
+    from backward_lens.evaluation.sweep import choose, plot_sweep, with_verdicts
     from backward_lens.io import atomic_write_text
 
-    best = choose(df, args.min_efficacy)
-    atomic_write_text(out / "sweep.csv", df.to_csv(index=False))
+    bounds = {
+        "max_entropy_drop": args.max_entropy_drop,
+        "max_perplexity_rise": args.max_perplexity_rise,
+    }
+    df = with_verdicts(df, **bounds)
+    atomic_write_text(out / "sweep.csv", df.to_csv(index=False))  # before a refusal to choose
+    best = choose(df, args.min_efficacy, **bounds)
     table = _markdown(df, best)
     atomic_write_text(out / "sweep.md", table)
     model = str(settings["model"])
@@ -203,19 +281,25 @@ def _write_table(
         f"chosen for {model}: layer={int(best.layer)} eta={best.eta:g} "
         f"(efficacy {best.efficacy_acc:.1%}, paraphrase {best.paraphrase_acc:.1%}, "
         f"neighbourhood score {best.neighborhood_score:.1%}, "
-        f"neighbourhood acc {best.neighborhood_acc:.1%})"
+        f"neighbourhood acc {best.neighborhood_acc:.1%}, n-gram entropy "
+        f"{best.fluency * 100:.1f}, perplexity {best.perplexity:.2f})"
     )
 
 
 def _markdown(df: pd.DataFrame, best: pd.Series) -> str:
-    head = "| layer | eta | efficacy acc | paraphrase acc | neighborhood acc | neighborhood score |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    """The sweep's table in Markdown, the chosen point marked."""
+    head = (
+        "| layer | eta | efficacy acc | paraphrase acc | neighborhood acc | neighborhood score "
+        "| n-gram entropy | perplexity | rejected because |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for _, r in df.iterrows():
         mark = " **(chosen)**" if r.layer == best.layer and r.eta == best.eta else ""
         layer = "unedited" if r.eta == 0 else str(int(r.layer))
         lines.append(
             f"| {layer} | {r.eta:g}{mark} | {r.efficacy_acc * 100:.1f} | "
             f"{r.paraphrase_acc * 100:.1f} | {r.neighborhood_acc * 100:.1f} | "
-            f"{r.neighborhood_score * 100:.1f} |"
+            f"{r.neighborhood_score * 100:.1f} | {r.fluency * 100:.1f} | {r.perplexity:.2f} | "
+            f"{r.rejected_because} |"
         )
     return "\n".join(lines) + "\n"

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from backward_lens.commands.common import add_model_arguments, check_model_args, positive_int
+from backward_lens.commands.common import add_model_arguments, check_model_args
+from backward_lens.commands.options import (
+    add_config_arguments,
+    add_run_folder_flags,
+    add_shared,
+    config_from_args,
+    positive_int,
+    signature_default,
+)
 from backward_lens.errors import InputError
 
 NAME = "trace"
@@ -21,7 +29,9 @@ token = the true object's first token) are traced, as in ROME. The run folder ho
 (one line per record, streamed: an interrupted run resumes), summary.json / summary.md (the peak
 layer of each kind at the subject's last token and the ROME / MEMIT layers it implies),
 averages.csv, averages.png (average indirect effect by ROME's token segments) and
-records/<key>.png (three heatmaps per record). Running again with a larger --records extends it.
+records/<key>.png (three heatmaps per record). A run folder is resumed by default (--resume
+says so explicitly): running again with a larger --records extends it; --fresh discards its rows
+to start again.
 
 On a shared machine run with OMP_NUM_THREADS=1 or 2. Cost per record grows with tokens x
 layers^2 x --samples; ROME uses 10 samples, --samples 1-3 is a CPU budget.
@@ -34,23 +44,24 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data", metavar="FILE", help="known_1000.json, CounterFact (either layout) or JSONL"
+    """Add trace's options (defaults: :func:`run_trace`'s and :class:`TraceConfig`'s)."""
+    from backward_lens.tracing.core import TraceConfig
+    from backward_lens.tracing.run import run_trace
+
+    add_shared(p, "--data", "known_1000.json, CounterFact (either layout) or JSONL")
+    n = signature_default(run_trace, "n")
+    add_shared(
+        p,
+        "--records",
+        f"trace N records of --data, visited in an order shuffled with --seed (default: {n})",
+        type=positive_int,
+        default=n,
     )
-    p.add_argument("--records", type=positive_int, default=50, help="records to trace (50)")
-    p.add_argument("--out", metavar="DIR", required=True, help="run folder (resumed if present)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the record order (0)")
-    p.add_argument(
-        "--samples", type=positive_int, default=10, help="noise samples per restoration (10)"
-    )
-    p.add_argument("--window", type=positive_int, default=10, help="MLP/attn window (10)")
-    p.add_argument("--noise", type=float, default=3.0, help="noise std / embedding std (3)")
-    p.add_argument(
-        "--kinds", default="hidden,mlp,attn", help="what to restore: hidden,mlp,attn (all)"
-    )
-    p.add_argument(
-        "--batch-rows", type=positive_int, default=128, help="rows per forward pass (128)"
-    )
+    add_shared(p, "--out", "the run folder", required=True)
+    add_run_folder_flags(p)
+    seed = signature_default(run_trace, "seed")
+    add_shared(p, "--seed", f"of the record order (default: {seed})", type=int, default=seed)
+    add_config_arguments(p, TraceConfig)
     p.add_argument(
         "--all-facts",
         action="store_true",
@@ -58,28 +69,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-record-figures", action="store_true", help="skip records/<key>.png")
     add_model_arguments(p)
-    p.add_argument("--fresh", action="store_true", help="discard earlier rows in --out")
-    p.add_argument("--resume", action="store_true", help="resume --out (the default)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    add_shared(p, "--quiet", "no progress bar, no summary", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Trace the records, write the run folder and print its summary; returns 0.
+
+    Raises:
+        InputError: a bad option or folder (one line, before the model loads).
+    """
     from backward_lens import checks
     from backward_lens.tracing.core import TraceConfig
     from backward_lens.tracing.run import run_trace
 
     if args.data is None:
         raise InputError("give the records with --data FILE (known_1000.json, CounterFact, JSONL)")
-    if args.fresh and args.resume:
-        raise InputError("--fresh and --resume contradict each other; pass one")
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    config = TraceConfig(
-        samples=args.samples,
-        window=args.window,
-        noise_factor=args.noise,
-        batch_rows=args.batch_rows,
-        kinds=kinds,
-    )
+    config = config_from_args(TraceConfig, args)
     config.check()
     checks.output_folder(args.out, "--out")
     check_model_args(args)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,77 @@ def require_ray() -> Any:
             f"{INSTALL}"
         ) from None
     return ray
+
+
+REACH_SECONDS = 3.0
+"""How long :func:`check_reachable` waits for a cluster's port to answer."""
+
+
+def _unreachable(address: str, why: str) -> str:
+    return (
+        f"cannot reach the Ray cluster at {address}: {why}; start one with 'ray start --head' "
+        "or drop --ray-address"
+    )
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """The (host, port) a Ray address connects to, or None for ``auto``/``local``.
+
+    ``ray://host[:port]`` is a Ray client server (port 10001 by default); ``host[:port]`` is a
+    cluster's GCS (port 6379 by default). IPv6 hosts are written in brackets (``[::1]:6379``).
+
+    Raises:
+        InputError: the port is not a number.
+    """
+    text = address.strip()
+    if text.lower() in ("auto", "local", ""):
+        return None
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    rest = rest.split("/", 1)[0]
+    default = 10001 if scheme == "ray" else 6379
+    if rest.startswith("["):  # [IPv6]:port
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+    else:
+        host, port_text = rest, ""
+    try:
+        port = int(port_text) if port_text else default
+    except ValueError:
+        raise InputError(
+            f"cannot read the port of the Ray address {address!r}; write HOST:PORT, "
+            "ray://HOST:PORT or auto"
+        ) from None
+    return host or "127.0.0.1", port
+
+
+def check_reachable(address: str, timeout: float = REACH_SECONDS) -> None:
+    """Fail fast when nothing listens at a Ray address.
+
+    One TCP connect with a short timeout before ``ray.init``, which would otherwise wait about
+    150 s for an absent cluster.
+
+    Args:
+        address: ``--ray-address`` or ``RAY_ADDRESS`` (``auto``/``local`` are not probed).
+        timeout: seconds to wait for the connection.
+
+    Raises:
+        InputError: the host cannot be resolved or the port does not accept a connection.
+    """
+    target = ray_host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            pass
+    except OSError as exc:
+        why = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        if isinstance(exc, TimeoutError) or why == "timed out":
+            why = f"no answer within {timeout:g} s"
+        raise InputError(_unreachable(address, why)) from None
 
 
 @dataclass(frozen=True)
@@ -98,6 +170,11 @@ class Cluster:
     threads: int = 1
 
     def __post_init__(self) -> None:
+        """Refuse resources that cannot start a worker.
+
+        Raises:
+            InputError: ``workers`` below 1, negative ``gpus_per_worker`` or ``threads`` below 1.
+        """
         if self.workers is not None and self.workers < 1:
             raise InputError(f"--workers must be 1 or more, got {self.workers}")
         if not self.gpus_per_worker >= 0:
@@ -124,6 +201,7 @@ class _Actor:
         self.error: dict[str, str] | None = None
         self.lm: Any = None
         self.eval_worker: Any = None
+        self.sweep: Any = None
         try:
             from backward_lens.models import load_model
 
@@ -151,7 +229,7 @@ class _Actor:
 
     def setup_eval(self, specs: list[Any], settings: Any) -> dict[str, str] | None:
         """Build the editors once; a user error comes back as ``{"type", "message"}``."""
-        from backward_lens.evaluation.harness import EvalWorker
+        from backward_lens.evaluation.runner import EvalWorker
 
         try:
             self.eval_worker = EvalWorker(self.lm, specs, settings)
@@ -165,13 +243,37 @@ class _Actor:
         return rows
 
     def run_study(
-        self, exp_name: str, pending: list[Any], options: Any, batch_size: int
+        self, exp_name: str, batches: list[Any], options: Any, done: set[str]
     ) -> list[dict[str, Any]]:
-        """The raw lines of one batch of a study's records."""
+        """The raw lines of some whole batches of a study's records (none of ``done``)."""
         from backward_lens.study.runner import compute_rows, get_experiment
 
         exp = get_experiment(exp_name)
-        return list(compute_rows(exp, self.lm, pending, options, batch_size))
+        return list(compute_rows(exp, self.lm, batches, options, done))
+
+    def shift_eta(self) -> float:
+        """The model's default eta of forward pass shift (the sweep's default grid)."""
+        from backward_lens.editing.defaults import editor_defaults
+
+        return float(editor_defaults(self.lm, "shift")["eta"])
+
+    def setup_sweep(
+        self, records: list[Any], layers: list[int], etas: list[float], batch_size: int, fs: Any
+    ) -> dict[str, str] | None:
+        """Prepare and probe the sweep's records once; a user error comes back as a dict."""
+        from backward_lens.evaluation.sweep import ShiftSweep
+
+        try:
+            self.sweep = ShiftSweep(
+                self.lm, records, layers, etas, batch_size=batch_size, fluency_settings=fs
+            )
+        except BackwardLensError as exc:
+            return {"type": type(exc).__name__, "message": str(exc)}
+        return None
+
+    def run_sweep(self, points: list[int]) -> list[Any]:
+        """The :class:`~backward_lens.evaluation.sweep.SweepPoint` of each grid position."""
+        return [self.sweep.point(p) for p in points]
 
 
 class _Pool:
@@ -186,16 +288,14 @@ class _Pool:
         if not self.ray.is_initialized():
             env = {"OMP_NUM_THREADS": str(cluster.threads), "MKL_NUM_THREADS": str(cluster.threads)}
             if address:
+                check_reachable(address)  # seconds, not Ray's own 150 s timeout
                 try:
                     self.ray.init(
                         address=address, runtime_env={"env_vars": env}, log_to_driver=False
                     )
                 except (ConnectionError, RuntimeError, ValueError) as exc:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                    raise InputError(
-                        f"cannot reach the Ray cluster at {address!r} ({first[:200]}); check "
-                        "--ray-address / RAY_ADDRESS, or drop them to start a local cluster"
-                    ) from None
+                    raise InputError(_unreachable(address, first[:200])) from None
             else:
                 workers = cluster.workers or 1
                 self.ray.init(
@@ -242,10 +342,11 @@ class _Pool:
         on_done: Callable[[Any, Any], None],
         setup: Callable[[Any], Any] | None = None,
     ) -> None:
-        """Run every job on the actors, at most two in flight per actor (one computing, one
-        queued), each next job going to whichever actor frees up first; ``on_done(job, value)``
-        runs in the driver as each finishes. A job whose actor died is queued again and the
-        actor replaced (each actor is set up with ``setup(actor)`` first).
+        """Run every job on the actors, each next job going to whichever actor frees up first.
+
+        At most two jobs are in flight per actor (one computing, one queued);
+        ``on_done(job, value)`` runs in the driver as each finishes. A job whose actor died is
+        queued again and the actor replaced (each actor is set up with ``setup(actor)`` first).
 
         Raises:
             BackwardLensError: a job failed on :data:`MAX_ATTEMPTS` workers, or a worker's setup
@@ -311,9 +412,12 @@ class _Pool:
         Raises:
             BackwardLensError: a worker reported a user error (raised as its own class).
         """
-        for actor in list(self.actors if actors is None else actors):
+        started = [
+            (actor, setup(actor)) for actor in list(self.actors if actors is None else actors)
+        ]
+        for actor, future in started:  # all set up side by side (a sweep's probe takes a while)
             try:
-                error = self.ray.get(setup(actor))
+                error = self.ray.get(future)
             except self.ray.exceptions.RayActorError:
                 self._replace(actor, setup)
                 continue
@@ -355,33 +459,37 @@ def evaluate_ray(
     shard: Any = None,
     on_pool: Callable[[_Pool], None] | None = None,
 ) -> Any:
-    """:func:`~backward_lens.evaluation.harness.evaluate` with the records computed by Ray
-    workers; the driver (this process) plans, writes every line and returns the same
+    """:func:`~backward_lens.evaluation.harness.evaluate` with the records computed by Ray workers.
+
+    The driver (this process) plans, writes every line and returns the same
     :class:`~backward_lens.evaluation.harness.RunResult`. Lines of a group are written when the
     group is done, groups in the order they finish (the summary orders them by record).
 
     Args:
         model: how each worker loads the model (the driver never loads it).
-        records, methods, out_dir, settings, data, resume, overwrite, on_result, progress,
-            shard: as for ``evaluate``.
+        records: CounterFact records, as for ``evaluate``.
+        methods: method specs, as for ``evaluate``.
+        out_dir: the run folder, as for ``evaluate``.
         cluster: how many workers, where, and with which resources.
+        settings: what is measured and how (batching), as for ``evaluate``.
+        data: the data file's name recorded in ``run.json``.
+        resume: continue the run in ``out_dir``.
+        overwrite: discard earlier results in ``out_dir``.
+        on_result: called with each line after it is written.
+        progress: show a progress bar (records/s and ETA over all workers).
+        shard: run only this shard's groups.
         on_pool: called with the started pool (tests use it to kill a worker).
 
     Raises:
         InputError: Ray missing, bad methods or folder; errors a worker reports while loading
             the model come back as their own class.
     """
-    from backward_lens.evaluation.harness import (
-        EvalSettings,
-        MethodSpec,
-        ResultWriter,
-        check_methods,
-        plan_run,
-    )
+    from backward_lens.evaluation.methods import check_methods
+    from backward_lens.evaluation.plan import ResultWriter, plan_run
+    from backward_lens.evaluation.settings import EvalSettings
 
     settings = settings or EvalSettings()
-    specs = [m if isinstance(m, MethodSpec) else MethodSpec.parse(m) for m in methods]
-    check_methods(specs)  # unknown names fail before a cluster starts
+    specs = check_methods(methods)  # unknown names fail before a cluster starts
     pool = _Pool(model, cluster)
     try:
         plan = plan_run(
@@ -425,14 +533,17 @@ def evaluate_ray(
 
 
 class RayStudy:
-    """A :class:`~backward_lens.study.runner.StudyExecutor` on Ray workers: pass it to
-    :func:`~backward_lens.study.runner.run_study` as ``executor``. Workers start on the first
-    call (a finished folder only re-aggregates and starts nothing).
+    """A :class:`~backward_lens.study.runner.StudyExecutor` on Ray workers.
+
+    Pass it to :func:`~backward_lens.study.runner.run_study` as ``executor``. Workers start on
+    the first call (a finished folder only re-aggregates and starts nothing).
 
     Args:
         model: how each worker loads the model.
         cluster: how many workers, where, and with which resources.
-        chunk: records per job handed to a worker (default: the study's ``batch_size``).
+        chunk: records per job handed to a worker, rounded up to whole capture batches
+            (default: one batch a job). Batches are never split, so the lines equal a
+            one-process run's.
         on_pool: called with the started pool (tests use it to kill a worker).
     """
 
@@ -457,37 +568,139 @@ class RayStudy:
     def compute(
         self,
         exp: Any,
-        pending: list[tuple[int, FactRecord, str]],
+        pending: list[list[tuple[int, FactRecord, str]]],
+        done: Collection[str],
         options: Any,
-        batch_size: int,
         write: Callable[[dict[str, Any]], None],
         progress: bool,
     ) -> None:
-        """Compute ``pending`` on the workers, ``chunk`` records a job; ``write`` each line."""
+        """Compute the ``pending`` batches on the workers, whole batches a job.
+
+        A job holds ``chunk`` records or more; ``write`` gets each line whose key is not in
+        ``done``.
+        """
         self.facts()
         pool = self.pool
         assert pool is not None
         try:
             if self.on_pool is not None:
                 self.on_pool(pool)
-            size = self.chunk or batch_size
-            jobs = [pending[i : i + size] for i in range(0, len(pending), size)]
-            bar = _bar(len(pending), exp.name, progress, pool.workers)
+            jobs: list[list[Any]] = []
+            for batch in pending:
+                if jobs and sum(len(b) for b in jobs[-1]) < (self.chunk or 1):
+                    jobs[-1].append(batch)
+                else:
+                    jobs.append([batch])
+            bar = _bar(sum(len(b) for b in pending), exp.name, progress, pool.workers)
+            skip = set(done)
 
-            def done(job: Any, rows: list[dict[str, Any]]) -> None:
+            def finished(job: Any, rows: list[dict[str, Any]]) -> None:
                 for row in rows:
                     write(row)
-                bar.update(len(job))
+                bar.update(sum(len(b) for b in job))
                 bar.set_postfix(workers=len(pool.actors))
 
             try:
                 pool.run(
                     jobs,
-                    lambda actor, job: actor.run_study.remote(exp.name, job, options, batch_size),
-                    done,
+                    lambda actor, job: actor.run_study.remote(exp.name, job, options, skip),
+                    finished,
                 )
             finally:
                 bar.close()
         finally:
             pool.close()
+            self.pool = None
+
+
+class RaySweep:
+    """``sweep --workers``: forward pass shift's grid points computed on Ray workers.
+
+    Each worker loads the model, prepares and probes the records itself, then computes the grid
+    points it pulls (one a job); the driver never loads the model and assembles the same table
+    as :func:`~backward_lens.evaluation.sweep.shift_sweep`. Workers start on the first call.
+
+    Args:
+        model: how each worker loads the model.
+        cluster: how many workers, where, and with which resources.
+        on_pool: called with the started pool (tests use it).
+    """
+
+    def __init__(
+        self, model: ModelSpec, cluster: Cluster, on_pool: Callable[[_Pool], None] | None = None
+    ) -> None:
+        self.model, self.cluster, self.on_pool = model, cluster, on_pool
+        self.pool: _Pool | None = None
+
+    def facts(self) -> dict[str, Any]:
+        """Start the workers; the model's facts plus ``shift_eta``, its default eta."""
+        if self.pool is None:
+            self.pool = _Pool(self.model, self.cluster)
+            try:
+                self.pool.facts["shift_eta"] = self.pool.ray.get(
+                    self.pool.actors[0].shift_eta.remote()
+                )
+            except BaseException:
+                self.close()
+                raise
+        return dict(self.pool.facts)
+
+    def sweep(
+        self,
+        records: Sequence[FactRecord],
+        layers: Sequence[int],
+        etas: Sequence[float],
+        *,
+        batch_size: int = 64,
+        progress: bool = True,
+        shard: Any = None,
+        fluency_settings: Any = None,
+    ) -> Any:
+        """:func:`~backward_lens.evaluation.sweep.shift_sweep` on the workers.
+
+        Same arguments, same table; the workers are stopped afterwards.
+
+        Raises:
+            InputError: a layer the model lacks, bad etas, no usable record (reported by a
+                worker, raised here as its own class).
+        """
+        from backward_lens.distributed.shards import Shard
+        from backward_lens.evaluation.sweep import sweep_table
+
+        shard = shard or Shard()
+        self.facts()
+        pool = self.pool
+        assert pool is not None
+        try:
+            if self.on_pool is not None:
+                self.on_pool(pool)
+            n_points = 1 + len(layers) * len(etas)
+            mine = [p for p in range(n_points) if shard.owns(p)]
+            got: dict[int, Any] = {}
+            desc = f"sweep {shard}" if shard.sharded else "sweep"
+            bar = _bar(len(mine), desc, progress, pool.workers)
+            bar.unit = "pt"
+            args = (list(records), list(layers), list(etas), batch_size, fluency_settings)
+
+            def finished(job: list[int], points: list[Any]) -> None:
+                got.update(zip(job, points, strict=True))
+                bar.update(len(job))
+
+            try:
+                pool.run(
+                    [[p] for p in mine],
+                    lambda actor, job: actor.run_sweep.remote(job),
+                    finished,
+                    setup=lambda actor: actor.setup_sweep.remote(*args),
+                )
+            finally:
+                bar.close()
+            return sweep_table([got[p] for p in mine], mine)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        if self.pool is not None:
+            self.pool.close()
             self.pool = None

@@ -1,12 +1,15 @@
 """Shards: one job split over N independent processes, started by any launcher.
 
-Shard ``K`` of ``N`` (``K`` counts from 0) takes the records at positions ``i`` with
-``i mod N == K``: deterministic, balanced to within one record, and stable when more records are
-added at the end (positions count from the start of the data file, and ``--records`` keeps a
-prefix). Each shard appends to its own file, ``<stem>.shard-K-of-N<suffix>`` (e.g.
-``results.shard-0-of-4.jsonl``) in the shared run folder, so shards never write the same file;
-the summary reads them all. With ``N == 1`` the file keeps its plain name, so ``WORLD_SIZE=1``
-is the same as no shard at all.
+A job's records (in file order, or the study's sample order) are cut into batches that depend
+only on positions: batch ``b`` holds positions ``[b*B, (b+1)*B)`` for the run's batch size ``B``
+(:func:`batch_ranges`). Shard ``K`` of ``N`` (``K`` counts from 0) takes whole batches, those with
+``b mod N == K`` (:meth:`Shard.batches`): deterministic, balanced to within one batch, and stable
+when more records are added at the end (positions count from the start of the data file, and
+``--records`` keeps a prefix). Because every process (a shard, a Ray worker, a resumed run)
+computes exactly the same batches, merged results equal the unsplit run's bit for bit. Each shard
+appends to its own file, ``<stem>.shard-K-of-N<suffix>`` (e.g. ``results.shard-0-of-4.jsonl``) in
+the shared run folder, so shards never write the same file; the summary reads them all. With
+``N == 1`` the file keeps its plain name, so ``WORLD_SIZE=1`` is the same as no shard at all.
 
 Where the shard comes from, first match wins:
 
@@ -29,7 +32,14 @@ from pathlib import Path
 
 from backward_lens.errors import InputError
 
-__all__ = ["Shard", "parse_shard", "resolve_shard", "shard_files", "shard_from_env"]
+__all__ = [
+    "Shard",
+    "batch_ranges",
+    "parse_shard",
+    "resolve_shard",
+    "shard_files",
+    "shard_from_env",
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,11 @@ class Shard:
     count: int = 1
 
     def __post_init__(self) -> None:
+        """Refuse an index outside the split.
+
+        Raises:
+            InputError: ``count`` below 1, or ``index`` outside ``[0, count)``.
+        """
         if self.count < 1 or not 0 <= self.index < self.count:
             raise InputError(
                 f"shard {self.index}/{self.count} is out of range; K/N needs N >= 1 and "
@@ -56,9 +71,26 @@ class Shard:
         """True when the job is split (``count > 1``)."""
         return self.count > 1
 
-    def owns(self, position: int) -> bool:
-        """Whether the record at ``position`` (0-based, in file order) belongs to this shard."""
-        return position % self.count == self.index
+    def owns(self, unit: int) -> bool:
+        """Whether unit ``unit`` (0-based: a batch, or a sweep's grid point) is this shard's.
+
+        It is when ``unit mod N == K``.
+        """
+        return unit % self.count == self.index
+
+    def batches(self, n: int, size: int) -> list[range]:
+        """This shard's batches of ``n`` positions cut ``size`` at a time.
+
+        Batch ``b`` of :func:`batch_ranges` is this shard's when ``b mod N == K``.
+
+        Args:
+            n: how many positions (records) the whole job has.
+            size: positions per batch (at least 1).
+
+        Returns:
+            The owned batches, in order, each a range of positions.
+        """
+        return [r for b, r in enumerate(batch_ranges(n, size)) if self.owns(b)]
 
     def file_name(self, base: str) -> str:
         """``results.jsonl`` -> ``results.shard-K-of-N.jsonl`` (unchanged when not split)."""
@@ -68,7 +100,25 @@ class Shard:
         return f"{stem}.shard-{self.index}-of-{self.count}{dot}{suffix}"
 
     def __str__(self) -> str:
+        """``K/N``, as the command line writes it."""
         return f"{self.index}/{self.count}"
+
+
+def batch_ranges(n: int, size: int) -> list[range]:
+    """Positions ``0..n-1`` cut into batches of ``size``: ``[0, size), [size, 2*size), ...``.
+
+    The one batching rule of every run that can be split or resumed: a batch depends only on
+    positions, never on which shard, worker or resumed process computes it.
+
+    Args:
+        n: how many positions.
+        size: positions per batch (values below 1 count as 1).
+
+    Returns:
+        The batches in order; the last may be shorter.
+    """
+    size = max(1, size)
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def parse_shard(text: str, what: str = "--shard") -> Shard:
@@ -158,8 +208,9 @@ def resolve_shard(text: str | None, environ: Mapping[str, str] | None = None) ->
 
 
 def shard_files(folder: str | Path, base: str) -> list[tuple[Shard, Path]]:
-    """Every results file of ``base`` in ``folder``: the plain one (as shard 0/1) and each
-    ``<stem>.shard-K-of-N<suffix>``, ordered by (N, K).
+    """Every results file of ``base`` in ``folder``, ordered by (N, K).
+
+    The plain one counts as shard 0/1; each shard's is ``<stem>.shard-K-of-N<suffix>``.
 
     Returns:
         (shard, path) pairs, only for files that exist.
@@ -181,8 +232,9 @@ def shard_files(folder: str | Path, base: str) -> list[tuple[Shard, Path]]:
 
 
 def layout_problem(files: list[tuple[Shard, Path]], shard: Shard, folder: Path) -> str | None:
-    """A one-line reason why ``shard`` may not add to a folder holding ``files`` (non-empty
-    results of another split), or None.
+    """A one-line reason why ``shard`` may not add to a folder holding ``files``, or None.
+
+    It may not when the folder holds non-empty results of another split.
     """
     other = sorted({s.count for s, p in files if s.count != shard.count and p.stat().st_size})
     if not other:

@@ -17,9 +17,9 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,10 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from backward_lens.errors import EditError, InputError
+from backward_lens.io import JsonValue
 
 if TYPE_CHECKING:
     from backward_lens.data import FactRecord
     from backward_lens.models import LensModel
+
+EditInfo = dict[str, JsonValue]
+"""What an editor reports in ``Edit.info`` (keys vary by editor; values are plain JSON)."""
 
 _DELTAS = "deltas.safetensors"
 _META = "edit.json"
@@ -46,6 +50,7 @@ class RewriteRequest:
     target_true: str | None = None
 
     def __post_init__(self) -> None:
+        """Refuse an empty target or prompt, and a subject the prompt does not contain."""
         if not self.target_new or not self.target_new.strip():
             raise InputError("the new target is empty; give the object the model should learn")
         if not self.prompt or not self.prompt.strip():
@@ -57,6 +62,11 @@ class RewriteRequest:
 
     @classmethod
     def from_record(cls, record: FactRecord) -> RewriteRequest:
+        """The rewrite a CounterFact record asks for (its prompt, subject and new target).
+
+        Raises:
+            InputError: the record has no ``target_new``.
+        """
         if record.target_new is None:
             raise InputError(f"record {record.case_id} has no target_new to edit towards")
         return cls(record.prompt, record.subject, record.target_new, record.target_true)
@@ -87,7 +97,8 @@ class Edit:
         model_name: the model the edit was computed on.
         fingerprint: :func:`model_fingerprint` of that model.
         base_digests: hash of each edited parameter's value before the edit; ``apply`` checks it.
-        info: anything the editor wants to report (chosen eta, skipped, loss...).
+        info: what the editor reports (chosen eta, skipped, losses...), JSON values only: it is
+            saved in ``edit.json`` and written into result rows as ``edit_info``.
     """
 
     deltas: dict[str, Tensor]
@@ -97,7 +108,7 @@ class Edit:
     model_name: str = ""
     fingerprint: str = ""
     base_digests: dict[str, str] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+    info: EditInfo = field(default_factory=dict)
     _originals: dict[str, Tensor] | None = field(default=None, repr=False)
     _model: weakref.ref[nn.Module] | None = field(default=None, repr=False, compare=False)
 
@@ -109,8 +120,19 @@ class Edit:
         method: str,
         hparams: dict[str, Any],
         requests: Sequence[RewriteRequest],
-        info: dict[str, Any] | None = None,
+        info: EditInfo | None = None,
     ) -> Edit:
+        """An edit of ``lm`` from dense weight changes, ready to apply, save or revert.
+
+        Args:
+            lm: the model the deltas were computed on (its fingerprint and base digests are kept).
+            deltas: parameter name -> change, each shaped like the parameter (stored on CPU in the
+                parameter's dtype).
+            method: the editor's name.
+            hparams: the editor's hyper-parameters (saved with the edit).
+            requests: the facts the edit writes.
+            info: anything else the editor reports (losses, norms...).
+        """
         params = dict(lm.model.named_parameters())
         return cls(
             deltas={k: v.detach().to(params[k].dtype).cpu() for k, v in deltas.items()},
@@ -138,8 +160,10 @@ class Edit:
         return _stack_position(model, self) is not None and _stack_is_intact(model, self)
 
     def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The model's parameters, after :func:`check_edit_fits` (architecture, names, shapes,
-        finite deltas)."""
+        """The model's parameters, after :func:`check_edit_fits`.
+
+        That checks the architecture, the names and shapes, and that the deltas are finite.
+        """
         check_edit_fits(self, model)
         return dict(model.named_parameters())
 
@@ -361,9 +385,12 @@ _META_FIELDS: dict[str, type | tuple[type, ...]] = {
 
 
 def _read_pair(path: Path) -> tuple[bytes, bytes]:
-    """The bytes of ``edit.json`` and ``deltas.safetensors``, both from the same folder even if
-    :meth:`Edit.save` replaces the edit meanwhile (the folder is opened once and both files are
-    read through it; if the folder was swapped out and deleted in between, read again)."""
+    """The bytes of ``edit.json`` and ``deltas.safetensors``, both from the same folder.
+
+    Holds even if :meth:`Edit.save` replaces the edit meanwhile: the folder is opened once and
+    both files are read through it; if the folder was swapped out and deleted in between, read
+    again.
+    """
     if not path.is_dir() or not (path / _META).is_file() or not (path / _DELTAS).is_file():
         raise EditError(f"{path} is not a saved edit (expected {_META} and {_DELTAS} in it)")
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
@@ -561,8 +588,11 @@ def _umask() -> int:
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False if the
-    system cannot."""
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        False if the system cannot.
+    """
     import ctypes
     import sys
 
@@ -583,10 +613,12 @@ STALE_WRITE_SECONDS = 3600.0
 
 
 def _remove_stale_writes(path: Path) -> None:
-    """Remove the temporary folders of earlier saves to ``path`` that were killed mid-write
-    (``.NAME.new-*`` older than :data:`STALE_WRITE_SECONDS`; a younger one may be a save in
-    progress). Folders set aside as ``.NAME.old-*`` are never removed: one could be the only
-    copy of an earlier edit."""
+    """Remove the temporary folders of earlier saves to ``path`` that were killed mid-write.
+
+    Those are ``.NAME.new-*`` older than :data:`STALE_WRITE_SECONDS` (a younger one may be a
+    save in progress). Folders set aside as ``.NAME.old-*`` are never removed: one could be the
+    only copy of an earlier edit.
+    """
     now = time.time()
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.new-*"):
         try:
@@ -597,8 +629,11 @@ def _remove_stale_writes(path: Path) -> None:
 
 
 def _swap_in(new: Path, path: Path) -> None:
-    """Move the folder ``new`` to ``path``, replacing a saved edit there without a moment in
-    which ``path`` holds no complete edit; ``new`` ends up holding the old edit (or gone)."""
+    """Move the folder ``new`` to ``path``, replacing a saved edit there.
+
+    There is no moment in which ``path`` holds no complete edit; ``new`` ends up holding the old
+    edit (or gone).
+    """
     if not path.exists():
         os.replace(new, path)
         return
@@ -615,33 +650,41 @@ def _swap_in(new: Path, path: Path) -> None:
 
 
 class Editor(Protocol):
-    """``editor(lm, requests) -> Edit``; must leave ``lm.model`` unchanged."""
+    """``editor(lm, requests) -> Edit``; must leave ``lm.model`` unchanged.
+
+    Built-in editors are dataclasses whose init fields are their hyper-parameters; the table of
+    editors (``editing/table.py``) builds them by name.
+    """
 
     name: str
 
-    def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit: ...
+    def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        """Compute the edit of ``requests`` on ``lm`` (the model is left unchanged)."""
+        ...
 
 
-EDITORS: dict[str, Callable[..., Editor]] = {}
-"""Editor factories by method name: ``EDITORS[name](**hparams) -> Editor``."""
+SETTING: dict[str, bool] = {"hparam": False}
+"""``field(metadata=SETTING)`` marks a dataclass editor's field that is not a hyper-parameter
+(the name its edits carry, the per-model defaults it reads): preset by the table of editors,
+refused from users, and not recorded in ``Edit.hparams``."""
 
 
-def register_editor(name: str) -> Callable[[Callable[..., Editor]], Callable[..., Editor]]:
-    def deco(factory: Callable[..., Editor]) -> Callable[..., Editor]:
-        EDITORS[name] = factory
-        return factory
-
-    return deco
+def hyperparameter_names(editor_class: type) -> list[str]:
+    """The hyper-parameters a dataclass editor takes: its init fields, less :data:`SETTING` ones."""
+    return [f.name for f in fields(editor_class) if f.init and f.metadata.get("hparam", True)]
 
 
-def get_editor(name: str, **hparams: Any) -> Editor:
-    """The editor called ``name`` configured with ``hparams``; a clear error for unknown names."""
-    import backward_lens.editing.methods  # noqa: F401  (registers the built-in editors)
-    from backward_lens import checks
+def hparams_of(editor: Any, **resolved: Any) -> dict[str, Any]:
+    """The editor's hyper-parameters as recorded in ``Edit.hparams``.
 
-    if name not in EDITORS:
-        raise InputError(
-            f"unknown editing method {name!r}; available: {', '.join(sorted(EDITORS))}"
-        )
-    checks.hparams(name, hparams)  # values (finite eta, positive lr...), shared with CLI and server
-    return EDITORS[name](**hparams)
+    Args:
+        editor: a dataclass editor.
+        **resolved: values the editor resolved for this model (the default layer, eta...),
+            replacing the ``None`` it was configured with.
+
+    Returns:
+        Hyper-parameter name -> value.
+    """
+    out = {name: getattr(editor, name) for name in hyperparameter_names(type(editor))}
+    out.update(resolved)
+    return out

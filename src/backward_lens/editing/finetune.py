@@ -9,15 +9,16 @@ target's tokens, then over requests). Up to ``steps`` Adam steps; stop early onc
 L-infinity ball around its original value (ROME's FT-L constraint). The model's weight is restored
 in ``finally``; the change comes back as an :class:`Edit`.
 
-Registered names: ``ft`` / ``ft-late`` (the late layer, default as forward pass shift's layer),
-``ft-early`` (layer 0), ``ft-l`` (layer 0 with ROME's norm constraint 5e-4).
+Names in the table of editors (``editing/table.py``): ``ft`` / ``ft-late`` (the late layer, default
+as forward pass shift's layer), ``ft-early`` (layer 0), ``ft-l`` (layer 0 with ROME's norm
+constraint 5e-4).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +26,11 @@ from torch import Tensor
 
 from backward_lens.batching import eval_mode, pad_batch, pad_id
 from backward_lens.capture import frozen_for_capture
-from backward_lens.editing.base import Edit, RewriteRequest, register_editor
-from backward_lens.editing.common import (
-    EditTokens,
-    edit_tokens,
-    editor_factory,
-    ff2,
-    hparams_of,
-)
+from backward_lens.editing.base import SETTING, Edit, RewriteRequest, hparams_of
 from backward_lens.editing.defaults import editor_defaults
-from backward_lens.editing.upper import UpperBlocks
+from backward_lens.editing.matrix import ff2
+from backward_lens.editing.request_tokens import EditTokens, edit_tokens
+from backward_lens.editing.upper_layers import UpperBlocks
 from backward_lens.errors import InputError
 from backward_lens.models import LensModel
 
@@ -62,8 +58,11 @@ def target_nll(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def target_nll_from_hidden(lm: LensModel, hidden: Tensor, labels: Tensor) -> Tensor:
-    """:func:`target_nll` from the last block's output [B, T, d], with the LM head applied only
-    at the labelled positions (the same value and gradient, without [B, T, V] logits)."""
+    """:func:`target_nll` from the last block's output [B, T, d].
+
+    The LM head is applied only at the labelled positions: the same value and gradient, without
+    the [B, T, V] logits.
+    """
     keep = labels != -100
     logp = F.log_softmax(lm.lens(hidden[keep]), dim=-1)  # [M, V]
     nll = -logp.gather(-1, labels[keep][:, None])[:, 0]
@@ -84,6 +83,9 @@ class FineTune:
         norm_constraint: clamp the change elementwise to [-c, c] after each step (None: off).
         early_stop_loss: stop once the loss is below this (1e-2).
         weight_decay: Adam weight decay (0).
+        name: the name its edits carry (a setting the table of editors presets).
+        defaults_key: the ``editing.defaults`` entry giving the default layer (``ft-late`` or
+            ``ft-early``; a setting the table presets).
     """
 
     layer: int | None = None
@@ -92,10 +94,16 @@ class FineTune:
     norm_constraint: float | None = None
     early_stop_loss: float = 1e-2
     weight_decay: float = 0.0
-    name = "ft"
-    defaults_key: ClassVar[str] = "ft-late"
+    name: str = field(default="ft", metadata=SETTING)
+    defaults_key: str = field(default="ft-late", metadata=SETTING)
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        """Train the FF2 weight on ``requests``; the weight is restored, the change returned.
+
+        Raises:
+            InputError: ``steps`` < 1, ``lr`` <= 0, a non-positive ``norm_constraint``, or a
+                layer the model does not have.
+        """
         if self.steps < 1 or self.lr <= 0:
             raise InputError("steps must be >= 1 and lr > 0")
         if self.norm_constraint is not None and self.norm_constraint <= 0:
@@ -148,28 +156,3 @@ class FineTune:
             requests,
             info,
         )
-
-
-@dataclass
-class FineTuneLate(FineTune):
-    name = "ft-late"
-    defaults_key: ClassVar[str] = "ft-late"
-
-
-@dataclass
-class FineTuneEarly(FineTune):
-    name = "ft-early"
-    defaults_key: ClassVar[str] = "ft-early"
-
-
-@dataclass
-class FineTuneConstrained(FineTune):
-    """FT-L: ROME's constrained fine-tuning (layer 0, L-infinity radius 5e-4 by default)."""
-
-    norm_constraint: float | None = 5e-4
-    name = "ft-l"
-    defaults_key: ClassVar[str] = "ft-early"
-
-
-for _cls in (FineTune, FineTuneLate, FineTuneEarly, FineTuneConstrained):
-    register_editor(_cls.name)(editor_factory(_cls, _cls.name))

@@ -19,15 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from backward_lens.editing.base import Edit, RewriteRequest, register_editor
-from backward_lens.editing.common import (
-    check_layer,
-    editor_factory,
-    ff2,
-    hparams_of,
-    require_subjects,
-)
+from backward_lens.editing.base import Edit, RewriteRequest, hparams_of
 from backward_lens.editing.defaults import editor_defaults
+from backward_lens.editing.matrix import ff2
+from backward_lens.editing.request_tokens import require_subjects
 from backward_lens.editing.rome import (
     ValueConfig,
     average_key,
@@ -40,6 +35,9 @@ from backward_lens.editing.stats import SampleConfig, second_moments
 from backward_lens.errors import InputError
 from backward_lens.models import LensModel
 
+MOM2_UPDATE_WEIGHT = 20000.0
+"""MEMIT's lambda for GPT-2 xl (spec §6.3): the default of models without a tuned one."""
+
 
 @dataclass
 class MEMIT:
@@ -47,14 +45,15 @@ class MEMIT:
 
     Args:
         layers: blocks whose FF2 matrices are edited; z is taken at the last one.
-        mom2_update_weight: lambda, the weight of the key covariance prior.
+        mom2_update_weight: lambda, the weight of the key covariance prior (default: per model,
+            see ``defaults.py``; MEMIT's GPT-2 xl value, 20000, where none was tuned).
         v_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor: z optimisation (as ROME).
         context: (length, count) of sampled prefixes; MEMIT's code uses 5 of 10 tokens.
         stats_samples, stats_length, seed: as ROME.
     """
 
     layers: list[int] | None = None
-    mom2_update_weight: float = 20000.0  # MEMIT's GPT-2 xl value (spec §6.3)
+    mom2_update_weight: float | None = None
     v_steps: int = 20
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
@@ -67,11 +66,21 @@ class MEMIT:
     name = "memit"
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        """Edit ``requests`` at once over ``layers``; the model is restored, the change returned.
+
+        Raises:
+            InputError: a request without a locatable subject, no layers, or a layer the model
+                does not have.
+        """
         require_subjects(lm, requests, "MEMIT")
-        layers = self.layers if self.layers is not None else editor_defaults(lm, "memit")["layers"]
+        defaults = editor_defaults(lm, "memit")
+        layers = self.layers if self.layers is not None else defaults["layers"]
+        weight = self.mom2_update_weight
+        if weight is None:
+            weight = float(defaults.get("mom2_update_weight", MOM2_UPDATE_WEIGHT))
         if not layers:
             raise InputError("MEMIT needs at least one layer")
-        layers = sorted({check_layer(lm, layer) for layer in layers})
+        layers = sorted({lm.arch.layer_index(layer) for layer in layers})
         matrices = [ff2(lm, layer) for layer in layers]
         prefixes = context_prefixes(lm, self.context, self.seed)
         stats = second_moments(
@@ -101,7 +110,7 @@ class MEMIT:
                 _, current = module_io_at(lm, z_block, plain)
                 resid = (z - current.double().cpu()) / (len(matrices) - i)  # [N, d]
                 c = stats[matrix.resolved.layer].cpu()
-                a = self.mom2_update_weight * c + keys.T @ keys
+                a = weight * c + keys.T @ keys
                 adj = torch.linalg.solve(a, keys.T)  # [d_ff, N]
                 update = matrix.matmul(adj.T, resid).to(matrix.weight.dtype)  # sum_i adj_i -> r_i
                 with torch.no_grad():
@@ -118,8 +127,10 @@ class MEMIT:
             "v_losses": [v.losses for v in values],
         }
         return Edit.from_deltas(
-            lm, deltas, self.name, hparams_of(self, layers=layers), requests, info
+            lm,
+            deltas,
+            self.name,
+            hparams_of(self, layers=layers, mom2_update_weight=weight),
+            requests,
+            info,
         )
-
-
-register_editor("memit")(editor_factory(MEMIT, "memit"))

@@ -25,18 +25,12 @@ from torch import Tensor, nn
 
 from backward_lens.batching import Hooks, by_position, eval_mode, pad_batch, pad_id
 from backward_lens.capture import frozen_for_capture
-from backward_lens.editing.base import Edit, RewriteRequest, model_fingerprint, register_editor
-from backward_lens.editing.common import (
-    EditedMatrix,
-    edit_tokens,
-    editor_factory,
-    ff2,
-    hparams_of,
-    require_subjects,
-)
+from backward_lens.editing.base import Edit, RewriteRequest, hparams_of, model_fingerprint
 from backward_lens.editing.defaults import editor_defaults
+from backward_lens.editing.matrix import EditedMatrix, ff2
+from backward_lens.editing.request_tokens import edit_tokens, require_subjects
 from backward_lens.editing.stats import SampleConfig, StopForward, second_moments
-from backward_lens.editing.upper import UpperBlocks
+from backward_lens.editing.upper_layers import UpperBlocks
 from backward_lens.models import LensModel
 from backward_lens.tokens import encode_text, locate_subject
 
@@ -103,8 +97,11 @@ class SubjectPrompt:
 def prompts_at_subject(
     lm: LensModel, request: RewriteRequest, prefixes: Sequence[str]
 ) -> list[SubjectPrompt]:
-    """The edit prompt after each prefix, with the subject's last token located (by character
-    offsets after the prefix, white space around the subject ignored: ``tokens.locate_subject``)."""
+    """The edit prompt after each prefix, with the subject's last token located.
+
+    Located by character offsets after the prefix, white space around the subject ignored
+    (``tokens.locate_subject``).
+    """
     out = []
     for prefix in prefixes:
         ids, (_, end) = locate_subject(
@@ -176,6 +173,7 @@ class ValueResult:
 
     @property
     def target(self) -> Tensor:
+        """The optimised output: the unedited one plus the delta, [d_out]."""
         return self.init + self.delta
 
 
@@ -187,9 +185,11 @@ def optimize_value(
     prefixes: Sequence[str],
     config: ValueConfig,
 ) -> ValueResult:
-    """Find the vector to add to ``module``'s output at the subject's last token (in every
-    templated prompt) that makes the model predict ``request.target_new`` (ROME's compute_v /
-    MEMIT's compute_z; ``module`` is block ``layer``'s FF2 for ROME, the block for MEMIT).
+    """Find the vector whose addition to ``module``'s output makes the model predict the target.
+
+    Added at the subject's last token in every templated prompt, it should make the model
+    predict ``request.target_new`` (ROME's compute_v / MEMIT's compute_z; ``module`` is block
+    ``layer``'s FF2 for ROME, the block for MEMIT).
 
     The blocks below ``layer`` run once (:class:`UpperBlocks`); each Adam step runs the blocks
     from ``layer`` up and applies the LM head only where the loss reads it (the target tokens
@@ -308,6 +308,7 @@ class ROME:
     name = "rome"
 
     def value_config(self, clamp: float | None = None) -> ValueConfig:
+        """The value optimisation's settings (``clamp`` replaces ``clamp_norm_factor``)."""
         return ValueConfig(
             steps=self.v_steps,
             lr=self.v_lr,
@@ -317,9 +318,15 @@ class ROME:
         )
 
     def sample_config(self) -> SampleConfig:
+        """How the text behind the key covariance C is sampled (``stats.py``)."""
         return SampleConfig(n_samples=self.stats_samples, length=self.stats_length)
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        """Edit ``requests`` into FF2 of ``layer``; the model is restored, the change returned.
+
+        Raises:
+            InputError: a request without a locatable subject, or a layer the model lacks.
+        """
         require_subjects(lm, requests, "ROME")
         layer = self.layer if self.layer is not None else editor_defaults(lm, "rome")["layer"]
         matrix = ff2(lm, layer)
@@ -356,6 +363,3 @@ class ROME:
         return Edit.from_deltas(
             lm, deltas, self.name, hparams_of(self, layer=layer), requests, info
         )
-
-
-register_editor("rome")(editor_factory(ROME, "rome"))

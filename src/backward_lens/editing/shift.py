@@ -28,17 +28,11 @@ from backward_lens.batching import (
     pad_id,
     recording_input,
 )
-from backward_lens.editing.base import Edit, RewriteRequest, register_editor
-from backward_lens.editing.common import (
-    EditedMatrix,
-    edit_tokens,
-    editor_factory,
-    ff2,
-    hparams_of,
-    target_row,
-)
+from backward_lens.editing.base import Edit, RewriteRequest, hparams_of
 from backward_lens.editing.defaults import editor_defaults
-from backward_lens.editing.upper import UpperBlocks
+from backward_lens.editing.matrix import EditedMatrix, ff2, target_row
+from backward_lens.editing.request_tokens import edit_tokens
+from backward_lens.editing.upper_layers import UpperBlocks
 from backward_lens.errors import InputError
 from backward_lens.models import LensModel
 
@@ -61,10 +55,12 @@ class ShiftProbe:
 
     @property
     def x_n(self) -> Tensor:
+        """FF2's input at the last prompt token, [d_ff]."""
         return self.x[-1]
 
     @property
     def already_predicted(self) -> bool:
+        """True if the unedited model already predicts the target (the edit is skipped)."""
         return int(self.logits.argmax()) == self.target
 
 
@@ -93,9 +89,11 @@ def probe(
 def probe_many(
     lm: LensModel, requests: Sequence[RewriteRequest], matrix: EditedMatrix
 ) -> list[ShiftProbe]:
-    """:func:`probe` for many requests in one right-padded forward pass (causal attention: a
-    row's real positions never see its padding, so each probe equals the single one up to
-    float summation order)."""
+    """:func:`probe` for many requests in one right-padded forward pass.
+
+    Causal attention: a row's real positions never see its padding, so each probe equals the
+    single one up to float summation order.
+    """
     tokens = [edit_tokens(lm, r.prompt, r.target_new) for r in requests]
     batch = pad_batch(
         [t.prompt_ids for t in tokens], pad_id(lm.tokenizer), side="right", device=lm.device
@@ -116,7 +114,7 @@ def probe_many(
 
 
 def shift_delta(matrix: EditedMatrix, p: ShiftProbe, eta: float) -> Tensor:
-    """eta * x_n^T e_t in FF2's weight layout."""
+    """The weight change eta * x_n^T e_t, in FF2's weight layout."""
     return eta * matrix.outer(p.x_n.to(matrix.weight.dtype), p.e_t.to(matrix.weight.dtype))
 
 
@@ -159,14 +157,21 @@ class ForwardPassShift:
     name = "shift"
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        """Shift FF2 of ``layer`` towards each request's target (paper §7), as one edit.
+
+        Raises:
+            InputError: a non-positive eta, or a layer the model does not have.
+        """
         layer, eta = _resolve(lm, self.layer, self.eta)
         matrix = ff2(lm, layer)
         probes = [probe(lm, request, matrix)[0] for request in requests]
         return self._edit(lm, requests, matrix, probes, eta)
 
     def each(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> list[Edit]:
-        """One single-fact edit per request (as ``[self(lm, [r]) for r in requests]``), with
-        the probes of all requests in one padded forward pass: what batched evaluation uses."""
+        """One single-fact edit per request, as ``[self(lm, [r]) for r in requests]``.
+
+        The probes of all requests run in one padded forward pass: what batched evaluation uses.
+        """
         layer, eta = _resolve(lm, self.layer, self.eta)
         matrix = ff2(lm, layer)
         probes = probe_many(lm, requests, matrix)
@@ -237,6 +242,11 @@ class AdaptiveShift:
     name = "shift-adaptive"
 
     def __call__(self, lm: LensModel, requests: Sequence[RewriteRequest]) -> Edit:
+        """Shift with the smallest eta that makes each target top-1 (beyond the paper).
+
+        Raises:
+            InputError: bad ``rtol``/``on_failure``/``eta_max``, or a layer the model lacks.
+        """
         layer, eta0 = _resolve(lm, self.layer, self.eta)
         eta_max = float(self.eta_max) if self.eta_max is not None else ETA_CAP * eta0
         if not 0 < self.rtol < 1:
@@ -324,7 +334,3 @@ class AdaptiveShift:
             else:
                 lo = mid
         return {"eta": hi, "eta_lower": lo, "success": True, "runs": runs}
-
-
-register_editor("shift")(editor_factory(ForwardPassShift, "shift"))
-register_editor("shift-adaptive")(editor_factory(AdaptiveShift, "shift-adaptive"))

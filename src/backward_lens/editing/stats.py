@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from backward_lens.batching import Hooks, by_position, eval_mode, pad_batch, pad_id
 from backward_lens.editing.base import model_fingerprint
-from backward_lens.editing.common import ff2
+from backward_lens.editing.matrix import ff2
+from backward_lens.gguf_cache import cache_dir
 from backward_lens.io import atomic_write
-from backward_lens.models import LensModel, cache_dir
+from backward_lens.models import LensModel
 from backward_lens.tokens import encode_text
 
 OPENINGS = (
@@ -57,11 +58,17 @@ class SampleConfig:
     batch_size: int = 32
 
     def key(self) -> str:
+        """The configuration's part of a cache file name."""
         return f"n{self.n_samples}-len{self.length}-k{self.top_k}-s{self.seed}"
 
 
-def model_key(lm: LensModel) -> str:
-    """Name, architecture and a digest of (the first bytes of) every weight."""
+def stats_cache_key(lm: LensModel) -> str:
+    """The model's part of a statistics cache file name: name, architecture and weights.
+
+    Returns:
+        ``NAME-DIGEST``: the model name made file-safe (60 characters at most) and 16 hex digits
+        of a SHA-256 over the architecture fingerprint and the first 1024 values of every weight.
+    """
     h = hashlib.sha256(model_fingerprint(lm.model).encode())
     for name, p in lm.model.named_parameters():
         h.update(name.encode())
@@ -71,6 +78,7 @@ def model_key(lm: LensModel) -> str:
 
 
 def stats_dir() -> Path:
+    """Where the samples and second moments are cached: ``cache_dir() / "stats"``."""
     return cache_dir() / "stats"
 
 
@@ -94,7 +102,7 @@ def _load(path: Path) -> dict[str, Tensor] | None:
 @torch.no_grad()
 def sample_texts(lm: LensModel, config: SampleConfig) -> list[list[int]]:
     """Token ids of the sampled texts (cached on disk)."""
-    path = stats_dir() / f"{model_key(lm)}-samples-{config.key()}.safetensors"
+    path = stats_dir() / f"{stats_cache_key(lm)}-samples-{config.key()}.safetensors"
     cached = _load(path)
     if cached is not None:
         ids_list, sizes = cached["ids"].tolist(), cached["lengths"].tolist()
@@ -146,7 +154,7 @@ def second_moments(
 ) -> dict[int, Tensor]:
     """C = E[k k^T] of FF2 inputs k at each layer, [d_ff, d_ff] float64 (cached per layer)."""
     config = config or SampleConfig()
-    key = model_key(lm)
+    key = stats_cache_key(lm)
     matrices = {layer: ff2(lm, layer) for layer in layers}
     paths = {
         layer: stats_dir() / f"{key}-L{m.resolved.layer}-{config.key()}.safetensors"

@@ -64,7 +64,13 @@ class RecordPrompts:
 
     @classmethod
     def from_record(cls, record: FactRecord) -> RecordPrompts:
-        """Validate ``record``; raises :class:`InputError` naming what is wrong with it."""
+        """Validate ``record`` and collect its prompts for scoring.
+
+        Raises:
+            InputError: (naming what is wrong) an empty prompt, a subject not in the prompt,
+                an empty ``target_new`` or ``target_true``, the two equal, or neighbourhood
+                prompts without one non-empty true object each.
+        """
         if not record.prompt or not record.prompt.strip():
             raise InputError("the prompt is empty")
         if not record.subject or record.subject not in record.prompt:
@@ -189,6 +195,18 @@ def generate_texts(
     tokens (prompt included), end-of-text suppressed, as ROME samples a fixed length. Each row
     samples from its own generator seeded with ``seeds[i]``, so a text does not depend on which
     other prompts share its batch or on what ran before.
+
+    Args:
+        lm: the model.
+        prompts: the prompts to continue.
+        seeds: one sampling seed per prompt.
+        max_length: total length of each text in tokens, prompt included.
+        top_k: sample from the ``top_k`` most probable tokens.
+        batch_size: prompts per batch.
+        on_batch: called with the prompt indices of each batch before it runs.
+
+    Returns:
+        The decoded texts (prompt included), in input order.
     """
     tok = lm.tokenizer
     model = lm.model
@@ -247,7 +265,11 @@ def generate_texts(
 
 
 def text_sequences(lm: LensModel, texts: Sequence[str], max_tokens: int = 256) -> list[list[int]]:
-    """Token ids of each text (BOS if the tokenizer adds one), cut to ``max_tokens``."""
+    """Token ids of each text (BOS if the tokenizer adds one), cut to ``max_tokens``.
+
+    Raises:
+        InputError: a text shorter than 2 tokens (nothing to predict).
+    """
     seqs = [encode_text(lm.tokenizer, t)[:max_tokens] for t in texts]
     short = [t for t, s in zip(texts, seqs, strict=True) if len(s) < 2]
     if short:
@@ -263,7 +285,21 @@ def perplexities(
     batch_size: int = 32,
     on_batch: BatchCallback | None = None,
 ) -> list[float]:
-    """exp(mean NLL of tokens 2..n) of each text; the metric is their mean (spec §6.2)."""
+    """exp(mean NLL of tokens 2..n) of each text; the metric is their mean (spec §6.2).
+
+    Args:
+        lm: the model.
+        texts: the texts (each at least 2 tokens).
+        max_tokens: texts are cut to this many tokens first.
+        batch_size: texts per forward pass.
+        on_batch: called with the text indices of each batch before its forward pass.
+
+    Returns:
+        One perplexity per text (NLL in nats, so e-based), in input order.
+
+    Raises:
+        InputError: a text shorter than 2 tokens.
+    """
     seqs = text_sequences(lm, texts, max_tokens)
     scored = score_sequences(
         lm, seqs, [len(s) - 1 for s in seqs], batch_size=batch_size, on_batch=on_batch

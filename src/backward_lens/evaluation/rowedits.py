@@ -46,6 +46,14 @@ class RowEdits:
 
     Use :meth:`installed` around the forward passes and :meth:`set_rows` (a scoring
     ``on_batch``-style callback that receives row owners) before each one.
+
+    Args:
+        model: the unedited model (its weights are never changed).
+        edits: the edit of each owner index (None: that owner's rows stay unedited).
+
+    Raises:
+        ValueError: an edit of a parameter that is not a Linear/Conv1D weight.
+        EditError: an edited weight is offloaded (on the meta device).
     """
 
     def __init__(self, model: nn.Module, edits: Sequence[Edit | None]) -> None:

@@ -23,6 +23,7 @@ from backward_lens.models import LensModel
 from backward_lens.tokens import EncodedRequest, encode_request
 
 BatchCallback = Callable[[list[int]], None]
+"""Called with the input indices of each batch before its forward pass (per-row edits hook in)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,11 @@ class TargetScore:
 
 
 def encode_pair(lm: LensModel, prompt: str, target: str) -> EncodedRequest:
-    """Encode one pair for teacher forcing (every target token scored); raises on bad input."""
+    """Encode one pair for teacher forcing (every target token scored).
+
+    Raises:
+        InputError: the encoding errors of :func:`backward_lens.tokens.encode_request`.
+    """
     return encode_request(
         lm.tokenizer, prompt, target, multi_token="teacher_forced", max_length=lm.context_length
     )
@@ -129,6 +134,18 @@ def score_targets(
     Pairs are encoded under the package's contract (``tokens.encode_request``): white space at
     a prompt's end moves into the target, a space is prepended to a target that lacks one (the
     official code's convention), and the target's tokens are those that follow the prompt.
+
+    Args:
+        lm: the model.
+        pairs: ``(prompt, target)`` strings, or requests already encoded.
+        batch_size: sequences per forward pass.
+        on_batch: called with the pair indices of each batch before its forward pass.
+
+    Returns:
+        One :class:`TargetScore` per pair, in input order.
+
+    Raises:
+        InputError: a pair that cannot be encoded (see :func:`encode_pair`).
     """
     encoded = [p if isinstance(p, EncodedRequest) else encode_pair(lm, *p) for p in pairs]
     seqs = [r.prompt_ids + r.target_ids for r in encoded]

@@ -36,11 +36,11 @@ METRICS: tuple[tuple[str, str, float], ...] = (
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``results.jsonl`` (``path`` is the file or its run folder; a folder's
-    shard files ``results.shard-K-of-N.jsonl`` are merged in, see ``harness.read_run``).
+    """The rows of a run's ``results.jsonl``: one dict per (method, record) line.
 
-    A torn last line (a run killed mid-write) is left out; a damaged line anywhere else is an
-    error, never silently dropped.
+    ``path`` is the file or its run folder; a folder's shard files ``results.shard-K-of-N.jsonl``
+    are merged in (see ``harness.read_run``). A torn last line (a run killed mid-write) is left out;
+    a damaged line anywhere else is an error, never silently dropped.
 
     Raises:
         DataError: no results file, or a damaged line before the last.
@@ -96,8 +96,10 @@ def summarize(rows: Iterable[dict[str, Any]], baseline: str = "unedited") -> pd.
 
 
 def to_markdown(df: pd.DataFrame, digits: int = 2) -> str:
-    """A markdown table with ``mean ± std`` cells; a metric measured on fewer records than the
-    row's total shows its count as ``(n=…)``."""
+    """A markdown table of :func:`summarize`'s frame, with ``mean ± std`` cells.
+
+    A metric measured on fewer records than the row's total shows its count as ``(n=…)``.
+    """
     titles = [t for _, t, _ in METRICS if df[f"{t} n"].sum() > 0]
     head = ["method", "N", *titles]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from backward_lens.adapters import Architecture
 from backward_lens.capture import Capture
 from backward_lens.data import FactRecord
+from backward_lens.io import to_jsonable
 from backward_lens.models import LensModel
 from backward_lens.study.segments import SEGMENTS, Segmentation
 from backward_lens.tokens import EncodedRequest
@@ -34,18 +36,45 @@ class StudyOptions:
         max_neurons: ``neurons`` analyses this many highest-norm neurons per matrix (0 = all).
     """
 
-    layer: int | None = None
-    lr: float = 1.0
-    top: int = 100
-    max_neurons: int = 512
+    # The metadata makes the command-line options (backward_lens.commands.options).
+    layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "neurons / imprint-shift: the block to study (negative: from the end)",
+            "default_help": "61% / 50% of the depth",
+        },
+    )
+    lr: float = field(default=1.0, metadata={"help": "imprint-shift: SGD learning rate"})
+    top: int = field(
+        default=100,
+        metadata={
+            "help": "neurons: top tokens compared",
+            "min": 1,
+            "flag": "--top-k",
+            "aliases": ["--top"],
+        },
+    )
+    max_neurons: int = field(
+        default=512,
+        metadata={"help": "neurons: analyse this many highest-norm neurons per matrix, 0 = all"},
+    )
 
     def to_dict(self) -> dict[str, Any]:
+        """The options as a JSON-ready dict (saved in the run's ``config.json``)."""
         return asdict(self)
 
-    def resolve_layer(self, n_layers: int, default: int) -> int:
-        """The studied block: ``layer`` (negative: from the end), else the experiment's default."""
+    def resolve_layer(self, arch: Architecture, default: int) -> int:
+        """The studied block: ``layer``, else the experiment's default, as 0..n_layers-1.
+
+        Args:
+            arch: the model's architecture (``lm.arch``), whose depth bounds the layer.
+            default: the experiment's block when ``layer`` is None (negative: from the end).
+
+        Raises:
+            InputError: a layer the model does not have (``Architecture.layer_index``).
+        """
         layer = self.layer if self.layer is not None else default
-        return layer + n_layers if layer < 0 else layer
+        return arch.layer_index(layer, "--layer")
 
 
 @dataclass
@@ -76,10 +105,12 @@ class Aggregate:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The aggregate as JSON (NaN and infinities as null, numpy values as Python ones)."""
         return clean_json(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Aggregate:
+        """Inverse of :meth:`to_dict` (missing parts are empty)."""
         return cls(
             data.get("table", []),
             data.get("curves", {}),
@@ -88,6 +119,7 @@ class Aggregate:
         )
 
     def to_dataframe(self) -> Any:
+        """The long-format ``table`` as a pandas ``DataFrame``."""
         import pandas as pd
 
         return pd.DataFrame(self.table)
@@ -111,6 +143,12 @@ class Experiment:
         raise NotImplementedError
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        """Reduce every record's :meth:`measure` row to tables, curves and headline numbers.
+
+        Args:
+            rows: the rows of all records, in record order.
+            meta: the run's metadata (``model``, ``n_layers``, ``vocab_size``, ``options``...).
+        """
         raise NotImplementedError
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
@@ -151,18 +189,8 @@ def as_array(values: Any) -> np.ndarray:
 
 
 def clean_json(obj: Any) -> Any:
-    """Replace NaN/inf with None and numpy scalars with Python ones, recursively."""
-    if isinstance(obj, dict):
-        return {str(k): clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean_json(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return clean_json(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    """Plain JSON data: NaN/inf as None, numpy values as Python ones (``io.to_jsonable``)."""
+    return to_jsonable(obj)
 
 
 def layer_axis(n_layers: int) -> list[float]:
@@ -223,6 +251,7 @@ def segment_table(
 
 
 def ordered_segments(means: dict[str, Any]) -> list[str]:
+    """The segments present in ``means``, in :data:`SEGMENTS` display order."""
     return [s for s in SEGMENTS if s in means]
 
 

@@ -18,6 +18,11 @@ from backward_lens.study.segments import SEGMENT_LABELS
 
 
 def pyplot() -> Any:
+    """Import ``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed).
+
+    Returns:
+        The ``matplotlib.pyplot`` module; imported lazily so the study's maths runs without it.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)

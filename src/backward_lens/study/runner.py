@@ -13,18 +13,21 @@ Output folder (everything but ``raw.jsonl`` is written atomically):
 
 Re-running on a finished folder only re-aggregates and redraws (the model is not even loaded).
 
-Split over processes (``shard=Shard(K, N)``, ``--shard K/N``), shard K computes the sampled
-records at positions ``i mod N == K`` into ``raw.shard-K-of-N.jsonl``; the aggregate, figure and
-summary are built from all shards' files found, in sample order, so they equal the unsplit run's.
+Records are captured in batches that depend only on sample positions: batch ``b`` is sampled
+records ``[b*B, (b+1)*B)`` (``B = batch_size``), always captured whole (a resumed batch recomputes
+its done records and appends only the missing ones), so a resumed, sharded or Ray run gives the
+same lines, bit for bit, as one uninterrupted process (``seconds`` aside). Split over processes
+(``shard=Shard(K, N)``, ``--shard K/N``), shard K computes the batches ``b mod N == K`` into
+``raw.shard-K-of-N.jsonl``; the aggregate, figure and summary are built from all shards' files
+found, in sample order, so they equal the unsplit run's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,10 +35,11 @@ from typing import Any, Protocol
 from backward_lens import checks
 from backward_lens.capture import capture_requests
 from backward_lens.data import FactRecord, load_records
-from backward_lens.distributed.shards import Shard, layout_problem, shard_files
-from backward_lens.errors import BackwardLensError, DataError, InputError
-from backward_lens.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from backward_lens.distributed.shards import Shard
+from backward_lens.errors import BackwardLensError, InputError
+from backward_lens.io import atomic_write_bytes, atomic_write_text
 from backward_lens.models import DEFAULT_MODEL, LensModel, load_model
+from backward_lens.runfolder import RowWriter, RunFolder
 from backward_lens.study.base import Aggregate, Experiment, Item, StudyOptions, clean_json
 from backward_lens.study.figures import html_page, png_bytes
 from backward_lens.study.segments import segment_prompt
@@ -69,10 +73,12 @@ class StudyResult:
     seconds_per_record: float | None = None
 
     def to_dataframe(self) -> Any:
+        """The aggregate as a pandas DataFrame (one row per curve point or bin)."""
         return self.aggregate.to_dataframe()
 
     @property
     def files(self) -> dict[str, Path]:
+        """The output files by name (``config.json``, ``raw.jsonl``, ``aggregate.json``...)."""
         names = [
             "config.json",
             RAW,
@@ -86,6 +92,11 @@ class StudyResult:
 
 
 def get_experiment(name: str) -> Experiment:
+    """The experiment called ``name`` in the table of experiments.
+
+    Raises:
+        InputError: no experiment of that name.
+    """
     from backward_lens.study.experiments import EXPERIMENTS
 
     if name not in EXPERIMENTS:
@@ -95,8 +106,8 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS[name]
 
 
-def _reason(exc: BaseException) -> str:
-    """Short, countable reason for a skipped record."""
+def skip_reason(exc: BaseException) -> str:
+    """A short, countable reason for a skipped record (the study's and tracing's summaries)."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if "not found in the prompt" in text or "no token covers the subject" in text:
         return "subject not in the prompt"
@@ -115,43 +126,37 @@ def _reason(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}"
 
 
-def _has_key(row: dict[str, Any]) -> bool:
-    return "key" in row
+def run_folder(out: str | Path, shard: Shard | None = None) -> RunFolder:
+    """A study's run folder: ``config.json`` and ``raw.jsonl``, rows keyed by ``key``.
 
-
-def _read_raw(path: Path) -> list[dict[str, Any]]:
-    """Lines of ``raw.jsonl`` (this process's file). Only a torn last line (a crash mid-write) is
-    cut off; a damaged line before it is an error, so no finished line is ever deleted.
-
-    Raises:
-        DataError: a line before the last is not a JSON object with a ``key``.
+    A shard's rows go to ``raw.shard-K-of-N.jsonl``.
     """
-    return read_jsonl(
-        path,
-        valid=_has_key,
-        repair=True,
+    return RunFolder(
+        Path(out),
+        RAW,
+        CONFIG,
+        shard or Shard(),
         hint="move the file aside (or pass --fresh to start again) and re-run",
     )
 
 
 def read_raw_rows(out: str | Path) -> list[dict[str, Any]]:
-    """Every raw line of a study folder: ``raw.jsonl`` and each shard's
-    ``raw.shard-K-of-N.jsonl``, concatenated (plain file first, then by shard). Files are only
-    read: a torn last line (maybe a shard still writing) is left out, not cut off.
+    """Every raw line of a study folder, each shard's merged in.
+
+    Reads ``raw.jsonl`` and each shard's ``raw.shard-K-of-N.jsonl`` (plain file first, then by
+    shard; a key seen twice keeps its first line). Files are only read: a torn last line (maybe
+    a shard still writing) is left out, not cut off.
 
     Raises:
         DataError: a damaged line before a file's last.
     """
-    hint = "move the file aside (or pass --fresh to start again) and re-run"
-    rows: list[dict[str, Any]] = []
-    for _, path in shard_files(out, RAW):
-        rows += read_jsonl(path, valid=_has_key, hint=hint)
-    return rows
+    return run_folder(out).read_all_rows()
 
 
 def check_options(options: StudyOptions, n_layers: int | None = None) -> None:
-    """The experiment knobs' values, shared by the CLI and the API (``layer`` against the model
-    once it is known).
+    """Check the experiment knobs' values, for the CLI and the API alike.
+
+    ``layer`` is checked against the model once it is known (``n_layers``).
 
     Raises:
         InputError: a negative ``max_neurons``, a non-finite or non-positive ``lr``, a
@@ -162,13 +167,6 @@ def check_options(options: StudyOptions, n_layers: int | None = None) -> None:
     checks.integer("--top", options.top, lo=1)
     if options.layer is not None:
         checks.layer("--layer", options.layer, n_layers)
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(clean_json(row), separators=(",", ":")) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _prepare(lm_tokenizer: Any, index: int, record: FactRecord, context: int | None) -> Item:
@@ -224,10 +222,11 @@ def run_study(
         seed: sampling seed.
         out: output folder (default ``study/<model>/<experiment>``).
         options: experiment knobs.
-        batch_size: records per capture batch (the capture is exact in batches).
+        batch_size: records per capture batch: batch ``b`` is sampled records
+            ``[b*B, (b+1)*B)``, always captured whole, wherever and whenever it is computed.
         fresh: discard an existing ``raw.jsonl`` instead of resuming.
         progress: show a progress bar.
-        shard: compute only this shard's records (sample position ``i`` with ``i mod N == K``)
+        shard: compute only this shard's batches (batch ``b`` with ``b mod N == K``)
             into ``raw.shard-K-of-N.jsonl``; the aggregate and figure are built from every
             shard's file found in ``out`` (the summary says how many records are still missing).
             ``fresh`` then discards only this shard's file. None: every record.
@@ -261,137 +260,170 @@ def run_study(
     }
     if shard.sharded:
         config["shards"] = shard.count
-    raw_path = out / shard.file_name(RAW)
-    files = shard_files(out, RAW)
-    problem = layout_problem(files, shard, out)
-    if problem:
-        raise InputError(problem)
-    others = [p for _, p in files if p != raw_path and p.stat().st_size]
-    previous = None if fresh and not others else _read_config(out / CONFIG)
-    if previous is not None:
-        differ = [k for k in config if previous.get("run", {}).get(k) != config[k]]
-        if differ and (others or (raw_path.exists() and not fresh)):
-            raise InputError(
-                f"{out} holds a different run (it differs in {', '.join(differ)}); choose another "
-                "--out, or pass --fresh to overwrite it"
-                + (" (and remove the other shards' raw files)" if others else "")
-            )
-    rows = [] if fresh else _read_raw(raw_path)
+    folder = run_folder(out, shard)
+    folder.check_layout()
+    others = folder.others_hold_rows()
+    previous = None if fresh and not others else folder.read_config()
+    if previous is not None and (others or (folder.holds_rows() and not fresh)):
+        advice = "choose another --out, or pass --fresh to overwrite it"
+        if others:
+            advice += " (and remove the other shards' raw files)"
+        folder.check_config(config, previous.get("run", {}), advice=advice)
+    rows = [] if fresh else folder.read_rows()
     done = {r["key"] for r in rows}
     keys = [str(r.case_id) for r in records]
     if len(set(keys)) != len(keys):  # ids are not unique: fall back to the sample position
         keys = [f"{i}:{r.case_id}" for i, r in enumerate(records)]
-    pairs = enumerate(zip(records, keys, strict=True))
-    pending = [(i, r, k) for i, (r, k) in pairs if shard.owns(i) and k not in done]
+    pending = [
+        [(i, records[i], keys[i]) for i in batch]
+        for batch in shard.batches(len(records), batch_size)
+        if any(keys[i] not in done for i in batch)
+    ]
     facts = (previous or {}).get("facts")
-    if pending and executor is not None:
-        facts = executor.facts()
+    if pending:
+        lm = None
+        if executor is not None:
+            facts = executor.facts()
+        else:
+            lm = model if isinstance(model, LensModel) else load_model(model)
+            facts = model_facts(lm)
         check_options(options, facts["n_layers"])  # before anything is written or computed
-        out.mkdir(parents=True, exist_ok=True)
         if fresh:
-            raw_path.unlink(missing_ok=True)
-        atomic_write_text(out / CONFIG, json.dumps({"run": config, "facts": facts}, indent=2))
-        executor.compute(
-            exp, pending, options, batch_size, lambda row: _append(raw_path, row), progress
-        )
-    elif pending:
-        lm = model if isinstance(model, LensModel) else load_model(model)
-        check_options(options, lm.n_layers)  # before anything is written or computed
-        out.mkdir(parents=True, exist_ok=True)
-        if fresh:
-            raw_path.unlink(missing_ok=True)
-        facts = model_facts(lm)
-        atomic_write_text(out / CONFIG, json.dumps({"run": config, "facts": facts}, indent=2))
-        _compute(exp, lm, pending, raw_path, options, batch_size, progress)
+            folder.discard_rows()
+        folder.write_config({"run": config, "facts": facts})
+        with folder.writer() as writer:
+            write = _durable(writer)
+            if executor is not None:
+                executor.compute(exp, pending, done, options, write, progress)
+            else:
+                assert lm is not None
+                _compute(exp, lm, pending, done, write, options, progress)
     elif facts is None:
         raise InputError(f"{out} has no record to compute and no model facts; pass --fresh")
-    _read_raw(raw_path)  # repair this shard's own torn tail, if any, before merging
-    rows = read_raw_rows(out)
+    folder.read_rows()  # repair this shard's own torn tail, if any, before merging
+    rows = folder.read_all_rows()
     return finish(exp, out, rows, keys, {"run": config, "facts": facts})
 
 
-def _read_config(path: Path) -> dict[str, Any] | None:
-    """``config.json`` of an earlier run, or None; a damaged one is a one-line error."""
-    if not path.exists():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{path} is damaged; pass --fresh to start again or move it") from None
-    return config
+Pending = list[tuple[int, FactRecord, str]]
+"""One batch of sampled records as (sample position, record, key) triples."""
 
 
 def compute_rows(
     exp: Experiment,
     lm: LensModel,
-    pending: Sequence[tuple[int, FactRecord, str]],
+    batches: Sequence[Pending],
     options: StudyOptions,
-    batch_size: int,
+    done: Collection[str] = (),
 ) -> Iterator[dict[str, Any]]:
-    """The raw line of each pending (position, record, key), as soon as it is computed.
+    """The raw line of each record of ``batches`` whose key is not in ``done``, batch by batch.
 
-    A record that cannot be prepared or measured yields a ``skipped`` line with its reason; a
-    batch whose capture fails is captured again one record at a time to find the culprit. Used
-    in-process by :func:`run_study` and by each Ray actor.
+    Each batch is captured whole (its records that can be prepared, in one capture), done
+    records included, so the floats of a record do not depend on which other records of its
+    batch were still to compute; done records are not measured again. A record that cannot be
+    prepared or measured yields a ``skipped`` line with its reason; a batch whose capture fails
+    is captured again one record at a time to find the culprit. Used in-process by
+    :func:`run_study` and by each Ray actor.
+
+    Args:
+        exp: the experiment.
+        lm: the model.
+        batches: batches of (sample position, record, key), see :func:`run_study`.
+        options: the experiment's knobs.
+        done: keys already written: captured with their batch-mates, not measured or yielded.
+
+    Yields:
+        Raw lines (``{"key", "case_id", "status", ...}``), never one of ``done``.
+    """
+    for batch in batches:
+        for row in _batch_rows(exp, lm, batch, options, done):
+            if row["key"] not in done:
+                yield row
+
+
+def _batch_rows(
+    exp: Experiment,
+    lm: LensModel,
+    batch: Pending,
+    options: StudyOptions,
+    done: Collection[str],
+) -> Iterator[dict[str, Any]]:
+    """The raw line of every record of one batch not in ``done``.
+
+    The batch's prepared records are captured together, done ones included (their captures
+    share the padded pass); only records not done are measured.
     """
     items: list[Item] = []
-    for index, record, key in pending:
+    for index, record, key in batch:
         try:
             item = _prepare(lm.tokenizer, index, record, lm.context_length)
             item.key = key
             items.append(item)
         except Exception as exc:  # a bad record is skipped and counted, never fatal
             yield _skip(key, record, exc)
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        t0 = time.perf_counter()
+    if not items:
+        return
+    t0 = time.perf_counter()
+    try:
+        captures = capture_requests(lm, [it.request for it in items], matrices=exp.matrices)
+    except Exception:
+        captures = []  # isolate the failing record: capture one by one below
+    share = (time.perf_counter() - t0) / len(items)
+    for k, item in enumerate(items):
+        if item.key in done:
+            continue
+        t1 = time.perf_counter()
         try:
-            captures = capture_requests(lm, [it.request for it in batch], matrices=exp.matrices)
-        except Exception:
-            captures = []  # isolate the failing record: capture one by one below
-        share = (time.perf_counter() - t0) / len(batch)
-        for k, item in enumerate(batch):
-            t1 = time.perf_counter()
-            try:
-                cap = (
-                    captures[k]
-                    if captures
-                    else capture_requests(lm, [item.request], matrices=exp.matrices)[0]
-                )
-                values = exp.measure(lm, item, cap, options)
-            except Exception as exc:  # counted with its reason in the summary
-                yield _skip(item.key, item.record, exc)
-                continue
-            seconds = share + time.perf_counter() - t1
-            yield {
-                "key": item.key,
-                "case_id": item.record.case_id,
-                "status": "ok",
-                "seconds": round(seconds, 4),
-                "values": values,
-            }
+            cap = (
+                captures[k]
+                if captures
+                else capture_requests(lm, [item.request], matrices=exp.matrices)[0]
+            )
+            values = exp.measure(lm, item, cap, options)
+        except Exception as exc:  # counted with its reason in the summary
+            yield _skip(item.key, item.record, exc)
+            continue
+        seconds = share + time.perf_counter() - t1
+        yield {
+            "key": item.key,
+            "case_id": item.record.case_id,
+            "status": "ok",
+            "seconds": round(seconds, 4),
+            "values": values,
+        }
 
 
 def _compute(
     exp: Experiment,
     lm: LensModel,
-    pending: list[tuple[int, FactRecord, str]],
-    raw_path: Path,
+    pending: list[Pending],
+    done: Collection[str],
+    write: Callable[[dict[str, Any]], None],
     options: StudyOptions,
-    batch_size: int,
     progress: bool,
 ) -> None:
+    """Compute the pending batches in this process, ``write`` each new line."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(pending), desc=exp.name, unit="record", disable=not progress)
+    total = sum(len(batch) for batch in pending)
+    bar = tqdm(total=total, desc=exp.name, unit="record", disable=not progress)
     try:
-        for row in compute_rows(exp, lm, pending, options, batch_size):
-            _append(raw_path, row)
-            bar.update(1)
+        for batch in pending:
+            for row in compute_rows(exp, lm, [batch], options, done):
+                write(row)
+            bar.update(len(batch))
     finally:
         bar.close()
+
+
+def _durable(writer: RowWriter) -> Callable[[dict[str, Any]], None]:
+    """Write one raw line (JSON-cleaned) and make it durable at once (a record can be slow)."""
+
+    def write(row: dict[str, Any]) -> None:
+        writer.write(clean_json(row))
+        writer.sync()
+
+    return write
 
 
 class StudyExecutor(Protocol):
@@ -404,13 +436,16 @@ class StudyExecutor(Protocol):
     def compute(
         self,
         exp: Experiment,
-        pending: list[tuple[int, FactRecord, str]],
+        pending: list[Pending],
+        done: Collection[str],
         options: StudyOptions,
-        batch_size: int,
         write: Callable[[dict[str, Any]], None],
         progress: bool,
     ) -> None:
-        """Compute every pending record; call ``write`` with each raw line (in the driver)."""
+        """Compute every pending batch, whole (see :func:`compute_rows`).
+
+        Calls ``write`` in the driver with each raw line whose key is not in ``done``.
+        """
         ...
 
 
@@ -419,7 +454,7 @@ def _skip(key: str, record: FactRecord, exc: BaseException) -> dict[str, Any]:
         "key": key,
         "case_id": record.case_id,
         "status": "skipped",
-        "reason": _reason(exc),
+        "reason": skip_reason(exc),
         "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
     }
 

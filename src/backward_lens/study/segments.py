@@ -63,10 +63,12 @@ class Segmentation:
     positions: dict[str, list[int]]
 
     def to_dict(self) -> dict[str, Any]:
+        """The segmentation as JSON: ``{"n": int, "subject": [start, end], "positions": {...}}``."""
         return {"n": self.n, "subject": list(self.subject), "positions": self.positions}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Segmentation:
+        """Inverse of :meth:`to_dict` (as read back from a run's JSONL)."""
         start, end = data["subject"]
         return cls(int(data["n"]), (int(start), int(end)), dict(data["positions"]))
 

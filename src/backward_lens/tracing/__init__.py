@@ -1,5 +1,6 @@
-"""Causal tracing (Meng et al. 2022, ROME's ``experiments/causal_trace.py``): where a model
-recalls a fact.
+"""Causal tracing: where a model recalls a fact.
+
+It follows Meng et al. 2022 (ROME's ``experiments/causal_trace.py``).
 
 :mod:`.core` traces one prompt (batched restorations over one noise sample set), :mod:`.run`
 traces N records into a resumable run folder, :mod:`.figures` draws ROME's heatmaps.

@@ -67,15 +67,37 @@ class TraceConfig:
         kinds: which of :data:`KINDS` to trace.
     """
 
-    samples: int = ROME_SAMPLES
-    window: int = ROME_WINDOW
-    noise_factor: float = ROME_NOISE_FACTOR
+    # The metadata makes the command-line options (backward_lens.commands.options).
+    samples: int = field(
+        default=ROME_SAMPLES, metadata={"help": "noise samples per restoration", "min": 1}
+    )
+    window: int = field(
+        default=ROME_WINDOW, metadata={"help": "layers restored together (mlp, attn)", "min": 1}
+    )
+    noise_factor: float = field(
+        default=ROME_NOISE_FACTOR, metadata={"help": "noise std / embedding std", "flag": "--noise"}
+    )
     seed: int = 1
-    batch_rows: int = 128
-    kinds: tuple[str, ...] = KINDS
+    batch_rows: int = field(
+        default=128,
+        metadata={
+            "help": "rows per forward pass (restorations x samples)",
+            "min": 1,
+            "flag": "--batch-size",
+            "aliases": ["--batch-rows"],
+        },
+    )
+    kinds: tuple[str, ...] = field(
+        default=KINDS, metadata={"help": "what to restore, some of hidden,mlp,attn"}
+    )
 
     def check(self) -> None:
-        """Raises InputError on a value that cannot be traced."""
+        """Refuse a value that cannot be traced, before any work.
+
+        Raises:
+            InputError: ``samples``, ``window`` or ``batch_rows`` below 1, a negative or
+                infinite ``noise_factor``, or no or unknown ``kinds``.
+        """
         if self.samples < 1:
             raise InputError(f"--samples must be 1 or more, got {self.samples}")
         if self.window < 1:
@@ -83,7 +105,7 @@ class TraceConfig:
         if not self.noise_factor >= 0 or self.noise_factor == float("inf"):
             raise InputError(f"--noise must be a finite number >= 0, got {self.noise_factor}")
         if self.batch_rows < 1:
-            raise InputError(f"--batch-rows must be 1 or more, got {self.batch_rows}")
+            raise InputError(f"--batch-size must be 1 or more, got {self.batch_rows}")
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise InputError(f"unknown kinds {unknown}; use some of {', '.join(KINDS)}")
@@ -225,9 +247,11 @@ class Tracer:
 
     @torch.no_grad()
     def _base(self, rows: int) -> _Base:
-        """The corrupted run with ``rows`` rows (noise sample ``r % samples`` in row ``r``):
-        every block's call arguments for that batch size, and the corrupted hidden state entering
-        each block (and leaving the last), for the ``samples`` distinct rows."""
+        """The corrupted run with ``rows`` rows (noise sample ``r % samples`` in row ``r``).
+
+        Keeps every block's call arguments for that batch size, and the corrupted hidden state
+        entering each block (and leaving the last), for the ``samples`` distinct rows.
+        """
         if rows in self._bases:
             return self._bases[rows]
         lm = self.lm
@@ -395,8 +419,11 @@ class RecordTrace:
 def prepare(
     lm: LensModel, prompt: str, subject: str, target: str
 ) -> tuple[list[int], int, int, int]:
-    """The prompt's ids (encoding contract of ``tokens``), the subject's token range and the
-    target's first token id.
+    """Encode one fact for tracing under the encoding contract of :mod:`backward_lens.tokens`.
+
+    Returns:
+        ``(ids, start, end, target_id)``: the prompt's ids (BOS included), the subject's token
+        range ``[start, end)`` and the target's first token id.
 
     Raises:
         InputError: (and subclasses) an empty prompt/target, a subject not in the prompt.
@@ -470,8 +497,9 @@ def trace_prompt(
 
 @torch.no_grad()
 def embedding_std(lm: LensModel, facts: Sequence[tuple[str, str]]) -> float:
-    """Standard deviation of the input embeddings of the subjects' tokens (ROME's
-    ``collect_embedding_std``), over every element of every subject token of ``facts``
+    """Standard deviation of the input embeddings of the subjects' tokens.
+
+    As ROME's ``collect_embedding_std``: over every element of every subject token of ``facts``
     (``(prompt, subject)`` pairs, each subject located in its prompt); facts whose subject is
     not found are left out.
 

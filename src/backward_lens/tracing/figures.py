@@ -20,9 +20,11 @@ CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 
 
 def record_png(values: dict[str, Any], model: str) -> bytes:
-    """Three heatmaps of one record (ROME's ``plot_trace_heatmap``): restored probability of
-    the true object per token x layer, subject tokens starred, colour from the corrupted run's
-    probability up."""
+    """Three heatmaps of one record, as ROME's ``plot_trace_heatmap``, as PNG bytes.
+
+    Each shows the restored probability of the true object per token x layer (hidden states,
+    MLP, attention), subject tokens starred, colour from the corrupted run's probability up.
+    """
     plt = pyplot()
     kinds = [k for k in ("hidden", "mlp", "attn") if k in values["scores"]]
     tokens = list(values["tokens"])
@@ -57,8 +59,11 @@ def record_png(values: dict[str, Any], model: str) -> bytes:
 
 
 def averages_png(agg: dict[str, Any], model: str, n: int) -> bytes:
-    """Average indirect effect (restored - corrupted probability) by ROME's token segments x
-    layer, one heatmap per kind, and the three kinds' curves at the subject's last token."""
+    """Average indirect effect by ROME's token segments x layer, as PNG bytes.
+
+    The effect is the restored minus the corrupted probability; one heatmap per kind, and the
+    kinds' curves at the subject's last token.
+    """
     plt = pyplot()
     kinds = list(agg["averages"])
     fig, axes = plt.subplots(

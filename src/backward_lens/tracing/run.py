@@ -37,8 +37,9 @@ from backward_lens.data import FactRecord, load_records
 from backward_lens.errors import DataError, InputError
 from backward_lens.io import atomic_write_bytes, atomic_write_text
 from backward_lens.models import DEFAULT_MODEL, LensModel, load_model
+from backward_lens.runfolder import RowWriter, RunFolder
 from backward_lens.study.base import clean_json
-from backward_lens.study.runner import _append, _read_config, _read_raw, _reason
+from backward_lens.study.runner import skip_reason
 from backward_lens.study.segments import SEGMENTS, segment_prompt
 from backward_lens.tracing.core import KINDS, TraceConfig, embedding_std, trace_prompt
 
@@ -66,16 +67,21 @@ class TraceResult:
 
     @property
     def peak_mlp_layer(self) -> int:
-        """The layer whose (windowed) MLP restoration at the subject's last token recovers the
-        most: ROME's edited layer."""
+        """ROME's edited layer: the peak of the MLP's restoration at the subject's last token.
+
+        The layer whose (windowed) MLP restoration there recovers the most.
+        """
         return int(self.summary["peak"]["mlp"])
 
 
 def chosen_layers(curve: Sequence[float], width: int = MEMIT_WIDTH) -> dict[str, Any]:
-    """ROME's layer and MEMIT's layers implied by the MLP's average indirect effect at the
-    subject's last token, ``curve`` [L]: ROME edits the peak layer (Meng et al. 2022, §2-3);
-    MEMIT the ``width`` consecutive layers of highest mean effect, its "critical" MLP layers
-    (Meng et al. 2023, §3; GPT-2 xl: 13-17 around ROME's 17). Ties go to the lower layer."""
+    """ROME's layer and MEMIT's layers implied by the MLP's average indirect effect.
+
+    ``curve`` [L] is the effect at the subject's last token. ROME edits the peak layer (Meng et
+    al. 2022, §2-3); MEMIT the ``width`` consecutive layers of highest mean effect, its
+    "critical" MLP layers (Meng et al. 2023, §3; GPT-2 xl: 13-17 around ROME's 17). Ties go to
+    the lower layer.
+    """
     values = [float(v) for v in curve]
     peak = max(range(len(values)), key=values.__getitem__)
     width = min(width, len(values))
@@ -88,17 +94,24 @@ def _true_object(record: FactRecord) -> str | None:
     return record.target_true if record.target_true is not None else record.target
 
 
-def _read_rows(out: Path) -> list[dict[str, Any]]:
+def run_folder(out: Path) -> RunFolder:
+    """The tracing run's folder: ``config.json`` and ``raw.jsonl``, rows keyed by ``key``."""
+    return RunFolder(
+        out, RAW, CONFIG, hint="move the file aside (or pass --fresh to start again) and re-run"
+    )
+
+
+def _read_rows(folder: RunFolder) -> list[dict[str, Any]]:
     """Rows of ``raw.jsonl.gz`` (if any) then ``raw.jsonl``; a key seen twice keeps the first."""
     rows: list[dict[str, Any]] = []
-    gz = out / (RAW + ".gz")
+    gz = folder.path / (RAW + ".gz")
     if gz.is_file():
         try:
             with gzip.open(gz, "rt", encoding="utf-8") as fh:
                 rows += [json.loads(line) for line in fh if line.strip()]
         except (OSError, ValueError):
             raise DataError(f"{gz} is damaged; move it aside and re-run") from None
-    rows += _read_raw(out / RAW)
+    rows += folder.read_rows()
     seen: set[str] = set()
     unique = []
     for row in rows:
@@ -164,16 +177,16 @@ def run_trace(
         "known_only": known_only,
         **knobs,
     }
-    previous = None if fresh else _read_config(out / CONFIG)
-    rows = [] if fresh else _read_rows(out)
-    if previous is not None and rows:
-        before = {k: v for k, v in previous.get("run", {}).items() if k != "records"}
-        differ = [k for k in before if before[k] != run.get(k)]
-        if differ:
-            raise InputError(
-                f"{out} holds a different run (it differs in {', '.join(differ)}); choose another "
-                "--out, or pass --fresh to overwrite it"
-            )
+    folder = run_folder(out)
+    previous = None if fresh else folder.read_config()
+    rows = [] if fresh else _read_rows(folder)
+    if previous is not None and rows:  # more records may be asked for: "records" may differ
+        folder.check_config(
+            run,
+            previous.get("run", {}),
+            ignore=("records",),
+            advice="choose another --out, or pass --fresh to overwrite it",
+        )
     keys = [str(records[i].case_id) for i in order]
     if len(set(keys)) != len(keys):
         keys = [f"{i}:{records[i].case_id}" for i in order]
@@ -184,18 +197,16 @@ def run_trace(
         lm = model if isinstance(model, LensModel) else load_model(model)
         out.mkdir(parents=True, exist_ok=True)
         if fresh:
-            (out / RAW).unlink(missing_ok=True)
+            folder.discard_rows()
             (out / (RAW + ".gz")).unlink(missing_ok=True)
         if noise_std is None:
             noise_std = embedding_std(lm, [(r.prompt, r.subject) for r in records])
         facts = {"model": lm.name, "n_layers": lm.n_layers, "vocab_size": lm.vocab_size}
-        atomic_write_text(
-            out / CONFIG,
-            json.dumps({"run": run, "noise_std": noise_std, "facts": facts}, indent=2),
-        )
-        _trace_pending(lm, records, order, keys, done, n - n_ok, out, config, noise_std,
-                       known_only, progress)  # fmt: skip
-        rows = _read_rows(out)
+        folder.write_config({"run": run, "noise_std": noise_std, "facts": facts})
+        with folder.writer() as writer:
+            _trace_pending(lm, records, order, keys, done, n - n_ok, writer, config, noise_std,
+                           known_only, progress)  # fmt: skip
+        rows = _read_rows(folder)
     elif previous is None:
         raise InputError(f"{out} has nothing to trace and no config.json; pass --fresh")
     return finish(out, rows, keys, n, record_figures)
@@ -208,15 +219,22 @@ def _trace_pending(
     keys: Sequence[str],
     done: set[str],
     wanted: int,
-    out: Path,
+    writer: RowWriter,
     config: TraceConfig,
     noise_std: float,
     known_only: bool,
     progress: bool,
 ) -> None:
+    """Trace records in visiting order, skipping done keys, until ``wanted`` are traced.
+
+    Each line (traced or skipped) is appended through ``writer`` and made durable at once.
+    """
     from tqdm.auto import tqdm
 
-    raw = out / RAW
+    def append(row: dict[str, Any]) -> None:
+        writer.write(clean_json(row))
+        writer.sync()
+
     bar = tqdm(total=wanted, desc="causal tracing", unit="record", disable=not progress)
     traced = 0
     try:
@@ -246,17 +264,16 @@ def _trace_pending(
                     lm.tokenizer, record.prompt.rstrip(), record.subject, trace.ids
                 )
             except _Unknown:
-                _append(raw, _skip_row(key, record, "model does not predict the true object", ""))
+                append(_skip_row(key, record, "model does not predict the true object", ""))
                 continue
             except Exception as exc:  # a bad record is skipped and counted, never fatal
-                _append(raw, _skip_row(key, record, _reason(exc), str(exc)))
+                append(_skip_row(key, record, skip_reason(exc), str(exc)))
                 continue
             values = trace.to_dict()
             values["prompt"] = record.prompt
             values["subject_text"] = record.subject
             values["segments"] = seg.positions
-            _append(
-                raw,
+            append(
                 {
                     "key": key,
                     "case_id": record.case_id,
@@ -289,8 +306,11 @@ def _skip_row(key: str, record: FactRecord, reason: str, error: str) -> dict[str
 
 
 def segment_effects(values: dict[str, Any], kind: str) -> dict[str, list[float] | None]:
-    """Indirect effect (restored - corrupted probability) of one record, averaged over each
-    segment's positions, per layer; None for a segment with no position."""
+    """One record's indirect effect per segment and layer.
+
+    The effect (restored - corrupted probability) is averaged over each segment's positions,
+    per layer; None for a segment with no position.
+    """
     scores = np.asarray(values["scores"][kind], dtype=float) - float(values["low"])
     out: dict[str, list[float] | None] = {}
     for segment in SEGMENTS:
@@ -300,9 +320,11 @@ def segment_effects(values: dict[str, Any], kind: str) -> dict[str, list[float] 
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Average indirect effects over records: kind -> segment -> [L] (None if no record has the
-    segment), with the record count per segment, and the peak layer of each kind at the
-    subject's last token."""
+    """Average indirect effects over records, and the peak layer of each kind.
+
+    Returns kind -> segment -> [L] (None if no record has the segment), the record count per
+    segment, and the peak layer of each kind at the subject's last token.
+    """
     values = [r["values"] for r in rows]
     kinds = [k for k in KINDS if all(k in v["scores"] for v in values)]
     averages: dict[str, dict[str, list[float] | None]] = {}
@@ -330,11 +352,13 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def finish(
     out: Path, rows: list[dict[str, Any]], keys: Sequence[str], n: int, record_figures: bool
 ) -> TraceResult:
-    """Aggregate the traced rows (the first ``n`` in visiting order) and write the summary and
-    figures."""
+    """Aggregate the traced rows and write the summary and figures.
+
+    The first ``n`` traced rows in visiting order are aggregated.
+    """
     from backward_lens.tracing.figures import averages_png, record_png
 
-    config = _read_config(out / CONFIG) or {}
+    config = run_folder(out).read_config() or {}
     by_key = {r["key"]: r for r in rows}
     ordered = [by_key[k] for k in keys if k in by_key]
     ok = [r for r in ordered if r["status"] == "ok"][:n]

@@ -60,7 +60,8 @@ def capture_loss(
             extra keys are passed to ``loss_fn`` only.
         loss_fn: ``loss_fn(logits, batch)``; default the causal-LM loss of ``batch["labels"]``
             (mean over labelled positions, like Hugging Face).
-        layers, matrices: what to record (default every layer's MLP matrices ``ff1``, ``ff2``).
+        layers: block indices to record (negative from the end; default: every layer).
+        matrices: matrix names to record (default: the MLP matrices ``ff1``, ``ff2``).
 
     Returns:
         The loss and the factors (``gradient.dense()`` equals the weight's gradient).

@@ -36,6 +36,8 @@ class BackwardLensCallback(TrainerCallback):
         out_dir: the run folder (see :mod:`backward_lens.training.runlog`), or None to keep the
             readings in memory only (:attr:`history`).
         every: read step 1, every ``every``-th step and the last one (``max_steps``).
+        keep_history: keep every reading in :attr:`history` (default: only with no
+            ``out_dir``).
         **options: the other :class:`~backward_lens.training.lens.TrainingLens` arguments
             (layers, matrices, include_frozen, directions, top_tokens, contributors,
             tensorboard, settings).
@@ -77,19 +79,23 @@ class BackwardLensCallback(TrainerCallback):
         self.lens.close()
 
     def __enter__(self) -> BackwardLensCallback:
+        """Use the callback as a context manager around ``trainer.train()``."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """:meth:`close`, also when training raised (the hooks of an open step come off)."""
         self.close()
 
     # -- TrainerCallback ------------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close a step a previous ``train()`` left open; learn the last step from ``max_steps``."""
         self._stop()  # a previous train() that raised may have left a step open
         if state.max_steps and state.max_steps > 0:
             self.lens.last_step = int(state.max_steps)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Put the recording hooks on if step ``global_step + 1`` is due (``TrainingLens.due``)."""
         self._stop()
         if self.lens.due(state.global_step + 1):
             stack = ExitStack()
@@ -97,6 +103,7 @@ class BackwardLensCallback(TrainerCallback):
             self._stack = stack
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Take the hooks off after the optimizer step and read the step into the run folder."""
         rec = self._stop()
         if rec is not None:
             readings = self.lens.read(rec, state.global_step)
@@ -106,10 +113,12 @@ class BackwardLensCallback(TrainerCallback):
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
     ) -> None:
+        """Forward the Trainer's logged scalars (loss, learning rate...) to the run's log."""
         if logs:
             self.lens.log(state.global_step, **logs)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Take any hooks off and close the run folder."""
         self._stop()
         if self.lens.run is not None:
             self.lens.run.close()

@@ -57,8 +57,9 @@ def load_texts(path: str | Path) -> list[str]:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text (``tokens.encode_text``: BOS once where the tokenizer adds one),
-    cut to ``max_length``.
+    """Token ids of each text, cut to ``max_length`` tokens.
+
+    Encoded as ``tokens.encode_text`` does: BOS once where the tokenizer adds one, no EOS.
 
     Raises:
         DataError: a text that tokenises to fewer than 2 tokens (nothing to predict).
@@ -73,30 +74,43 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Tokenised sequences, one ``{"input_ids": [...]}`` item each."""
+    """Tokenised sequences, one ``{"input_ids": [...]}`` item each.
+
+    Args:
+        sequences: token ids of each training text (see :func:`tokenize`).
+    """
 
     def __init__(self, sequences: list[list[int]]) -> None:
         self.sequences = sequences
 
     def __len__(self) -> int:
+        """Number of sequences."""
         return len(self.sequences)
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
+        """Item ``i`` as ``{"input_ids": [...]}`` (what :class:`Collator` takes)."""
         return {"input_ids": self.sequences[i]}
 
 
 @dataclass
 class Collator:
-    """Right-pads a list of items into ``input_ids``, ``attention_mask`` and ``labels`` [B, T]
-    (labels: the ids, -100 on padding)."""
+    """Right-pads a list of items into ``input_ids``, ``attention_mask`` and ``labels`` [B, T].
+
+    The labels are the ids, with -100 (ignored by the loss) on padding.
+
+    Attributes:
+        pad: the pad token id (masked, so any id works).
+    """
 
     pad: int
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any) -> Collator:
+        """A collator padding with ``tokenizer``'s pad id (0 if it has none)."""
         return cls(pad_id(tokenizer))
 
     def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, Tensor]:
+        """Collate ``items`` (each ``{"input_ids": [...]}``) into one right-padded batch."""
         batch = pad_batch([it["input_ids"] for it in items], self.pad, side="right")
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, IGNORE_INDEX)
         return {

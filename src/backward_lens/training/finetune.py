@@ -50,28 +50,58 @@ class FinetuneConfig:
         save_model: save the fine-tuned model and tokenizer to ``out/model``.
     """
 
-    steps: int
-    lens_every: int = 10
-    lr: float = 1e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 64
-    seed: int = 0
-    train_layers: list[int] | None = None
-    layers: list[int] | None = None
-    matrices: list[str] = field(default_factory=lambda: ["ff1", "ff2"])
-    directions: int = 3
-    top_tokens: int = 5
+    # The metadata makes the command-line options (backward_lens.commands.options).
+    steps: int = field(metadata={"help": "optimizer steps", "min": 1})
+    lens_every: int = field(
+        default=10, metadata={"help": "read every K steps", "metavar": "K", "min": 1}
+    )
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "texts per micro-batch", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per step", "min": 1})
+    max_length: int = field(default=64, metadata={"help": "tokens per text", "min": 1})
+    seed: int = field(default=0, metadata={"help": "of the shuffling and initialisation"})
+    train_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "train only these blocks, e.g. 20-29",
+            "parse": "layers",
+            "default_help": "all",
+        },
+    )
+    layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "layers the lens reads", "parse": "layers", "default_help": "all"},
+    )
+    matrices: list[str] = field(
+        default_factory=lambda: ["ff1", "ff2"],
+        metadata={"help": "matrices read: ff1,ff2 (+gate,q,k,v,o)"},
+    )
+    directions: int = field(default=3, metadata={"help": "directions per matrix", "min": 1})
+    top_tokens: int = field(
+        default=5, metadata={"help": "words per direction", "flag": "--top-k", "min": 1}
+    )
     contributors: int = 5
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping, 0 for none"})
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "constant"
-    tensorboard: bool = False
-    save_model: bool = False
+    schedule: str = field(
+        default="constant",
+        metadata={"help": "learning-rate schedule", "choices": ["constant", "linear", "cosine"]},
+    )
+    tensorboard: bool = field(default=False, metadata={"help": "also log to DIR/tensorboard"})
+    save_model: bool = field(default=False, metadata={"help": "save the model to DIR/model"})
 
     def check(self, n_layers: int | None = None) -> None:
-        """Refuse values that cannot work (one-line :class:`InputError`), before any work."""
+        """Refuse values that cannot work, before any work.
+
+        Args:
+            n_layers: the model's layer count, to check ``train_layers`` and ``layers`` (None:
+                not yet known, not checked).
+
+        Raises:
+            InputError: (one line) a size below its minimum, a learning rate, gradient norm or
+                weight decay out of range, an unknown schedule, or a layer the model lacks.
+        """
         for name in ("steps", "lens_every", "batch_size", "grad_accum", "directions"):
             checks.integer(name.replace("_", "-"), getattr(self, name), lo=1)
         for name in ("top_tokens", "contributors"):
@@ -222,7 +252,12 @@ def finetune(
 
 
 class LossBar(TrainerCallback):
-    """A progress bar with the loss (tqdm on stderr); keeps every step's loss in ``losses``."""
+    """A progress bar with the loss (tqdm on stderr); keeps every step's loss in ``losses``.
+
+    Args:
+        total: the number of optimizer steps (the bar's length).
+        enabled: draw the bar; when False only the losses are kept.
+    """
 
     def __init__(self, total: int, *, enabled: bool = True) -> None:
         self.losses: list[float] = []
@@ -233,12 +268,14 @@ class LossBar(TrainerCallback):
             self.bar = tqdm(total=total, unit="step", desc="fine-tune", file=sys.stderr)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        """Keep a logged ``loss`` and show it next to the bar."""
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        """Advance the bar by one optimizer step (its loss follows in :meth:`on_log`)."""
         if self.bar is not None:
             self.bar.update(1)  # the loss of this step follows in on_log
 

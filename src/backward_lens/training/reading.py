@@ -104,8 +104,10 @@ class UpdateReading:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UpdateReading:
-        """Rebuild a reading from :meth:`to_dict`'s output (or a ``lens.jsonl`` line: extra keys
-        such as ``model_losses`` are ignored)."""
+        """Rebuild a reading from :meth:`to_dict`'s output or a ``lens.jsonl`` line.
+
+        Extra keys of a ``lens.jsonl`` line (such as ``model_losses``) are ignored.
+        """
         dirs = []
         for d in data["directions"]:
             d = dict(d)
@@ -158,9 +160,9 @@ def read_factors(
         proj = lm.lens.project(torch.cat(vectors).float(), k=top_tokens, normalized=normalized)
         for row, (m, j) in enumerate(owners):
             bottom = factors[m].target.side == "out"
-            ids = proj.bottom_ids[row] if bottom else proj.top_ids[row]
-            probs = proj.bottom_probs[row] if bottom else proj.top_probs[row]
-            words_of[(m, j)] = (ids.tolist(), probs.tolist())
+            row_ids = proj.bottom_ids[row] if bottom else proj.top_ids[row]
+            row_probs = proj.bottom_probs[row] if bottom else proj.top_probs[row]
+            words_of[(m, j)] = (row_ids.tolist(), row_probs.tolist())
     wanted = {i for ids, _ in words_of.values() for i in ids}
     for f in factors:
         wanted.update(int(t) for t in f.token_ids.tolist() if t >= 0)

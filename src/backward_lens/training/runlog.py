@@ -1,10 +1,10 @@
-"""A training-lens run folder: ``run.json`` (settings), ``lens.jsonl`` (one line per step,
-layer and matrix), ``log.jsonl`` (loss, learning rate...), ``report.html``.
+"""A training-lens run folder: ``run.json``, ``lens.jsonl``, ``log.jsonl`` and ``report.html``.
 
-Lines are appended, flushed and ``fsync``-ed one at a time, so a run that crashes or is stopped
-keeps every line written before, and a reader (the viewer, ``tail -f``) can follow a live run.
-A reader skips a last line that was cut short. Nothing already in a folder is overwritten: a run
-starts only in a new or empty folder.
+``run.json`` holds the settings, ``lens.jsonl`` one line per step, layer and matrix, ``log.jsonl``
+the loss, learning rate and other logged scalars. Lines are appended, flushed and ``fsync``-ed one
+at a time, so a run that crashes or is stopped keeps every line written before, and a reader (the
+viewer, ``tail -f``) can follow a live run. A reader skips a last line that was cut short. Nothing
+already in a folder is overwritten: a run starts only in a new or empty folder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from backward_lens.errors import OutputPathError
-from backward_lens.io import atomic_write_text
+from backward_lens.io import atomic_write_text, dumps
 
 RUN_FILE = "run.json"
 LENS_FILE = "lens.jsonl"
@@ -42,7 +42,11 @@ def check_run_folder(path: str | Path) -> Path:
 
 
 class JsonLines:
-    """Append-only JSON lines, each flushed and fsync-ed as it is written."""
+    """Append-only JSON lines, each flushed and fsync-ed as it is written.
+
+    Args:
+        path: the ``.jsonl`` file; it and its folder are created at the first write.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -53,7 +57,7 @@ class JsonLines:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("a", encoding="utf-8")
-        self._file.write(json.dumps(_finite(row), ensure_ascii=False, allow_nan=False) + "\n")
+        self._file.write(dumps(row) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -64,20 +68,13 @@ class JsonLines:
             self._file = None
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """The rows of a JSON-lines file; a missing file has none, and a cut last line is skipped.
 
     An archived run may keep ``NAME.jsonl.gz`` instead of ``NAME.jsonl``: it is read the same.
+
+    Raises:
+        json.JSONDecodeError: a damaged line before the last.
     """
     path = Path(path)
     packed = path.with_name(path.name + ".gz")
@@ -99,7 +96,15 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 class RunFolder:
-    """The files of one run (see the module docstring)."""
+    """The files of one run (see the module docstring).
+
+    Args:
+        path: the run folder (check it with :func:`check_run_folder` before a new run).
+
+    Attributes:
+        lens: ``lens.jsonl``, one reading per step, layer and matrix.
+        log: ``log.jsonl``, the logged scalars.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -108,7 +113,7 @@ class RunFolder:
 
     def write_settings(self, settings: dict[str, Any]) -> None:
         """Write ``run.json`` atomically."""
-        atomic_write_text(self.path / RUN_FILE, json.dumps(_finite(settings), indent=1) + "\n")
+        atomic_write_text(self.path / RUN_FILE, dumps(settings, indent=1, ensure_ascii=True) + "\n")
 
     def settings(self) -> dict[str, Any]:
         """``run.json`` (empty if missing)."""
@@ -116,5 +121,6 @@ class RunFolder:
         return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
     def close(self) -> None:
+        """Close both JSON-lines files (idempotent)."""
         self.lens.close()
         self.log.close()

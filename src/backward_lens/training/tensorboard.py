@@ -31,12 +31,16 @@ class TensorBoardLogger:
     Per (layer, matrix): scalars ``lens/<matrix>/norm/L<layer>`` (the gradient's norm) and
     ``lens/<matrix>/sigma1/L<layer>``; text ``lens/<matrix>/L<layer>`` (the first direction's
     words). Losses go to ``train/<key>``.
+
+    Args:
+        writer: the writer (see :func:`summary_writer`); closed by :meth:`close`.
     """
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
 
     def readings(self, readings: list[UpdateReading]) -> None:
+        """Write readings: norm and sigma_1 scalars, and the first direction's words as text."""
         for r in readings:
             tag = f"lens/{r.matrix}"
             self.writer.add_scalar(f"{tag}/norm/L{r.layer}", r.norm, r.step)
@@ -45,11 +49,13 @@ class TensorBoardLogger:
                 self.writer.add_text(f"{tag}/L{r.layer}", " | ".join(r.words), r.step)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
+        """Write every numeric value of ``values`` as scalar ``train/<key>`` at ``step``."""
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"train/{key}", value, step)
 
     def close(self) -> None:
+        """Flush and close the writer (if it has those methods)."""
         flush = getattr(self.writer, "flush", None)
         if callable(flush):
             flush()

@@ -11,24 +11,24 @@ FF2 from the bottom). Everything is computed from the factors (n x d_ff work, no
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 
 from backward_lens.capture import Capture
 from backward_lens.errors import InputError
 from backward_lens.lens import Projection
 from backward_lens.models import LensModel
+from backward_lens.schema import CellGradient, CellNeuron, CellReading, CellReply
 
 
-def _reading(lm: LensModel, proj: Projection, row: int) -> dict[str, Any]:
-    return {
-        "top": lm.decode(proj.top_ids[row].tolist()),
-        "top_probs": proj.top_probs[row].tolist(),
-        "bottom": lm.decode(proj.bottom_ids[row].tolist()),
-        "bottom_probs": proj.bottom_probs[row].tolist(),
-        "target_rank": int(proj.target_rank[row]) if proj.target_rank is not None else None,
-    }
+def _reading(lm: LensModel, proj: Projection, row: int) -> CellReading:
+    """Row ``row`` of a projection as top/bottom tokens, their probabilities, the target's rank."""
+    return CellReading(
+        top=lm.decode(proj.top_ids[row].tolist()),
+        top_probs=proj.top_probs[row].tolist(),
+        bottom=lm.decode(proj.bottom_ids[row].tolist()),
+        bottom_probs=proj.bottom_probs[row].tolist(),
+        target_rank=int(proj.target_rank[row]) if proj.target_rank is not None else None,
+    )
 
 
 def cell_details(
@@ -41,11 +41,26 @@ def cell_details(
     k: int = 5,
     n_neurons: int = 10,
     normalized: bool = False,
-) -> dict[str, Any]:
+) -> CellReply:
     """Details of one cell (``matrix`` ``ff1`` or ``ff2``, block ``layer``, token ``position``).
 
-    Returns a JSON-ready dict: the vector (x_i for FF1, delta_i for FF2) under the raw and the
-    normalised lens, this position's share of the layer's gradient, and its top dominated neurons.
+    Returns the reply of ``POST /api/cell`` (``schema.CellReply``): the vector (x_i for FF1,
+    delta_i for FF2) under the raw and the normalised lens, this position's share of the layer's
+    gradient, and its top dominated neurons.
+
+    Args:
+        lm: the model the capture was made with.
+        cap: the capture.
+        matrix: ``ff1`` (the cell's vector is x_i) or ``ff2`` (delta_i).
+        layer: a captured block index.
+        position: the token position i.
+        k: tokens shown per lens reading.
+        n_neurons: most neurons listed (those this position dominates, largest norm first).
+        normalized: read the neurons under the normalised lens (the vector is read under both).
+
+    Raises:
+        InputError: ``matrix`` is not ``ff1``/``ff2``, ``position`` is outside ``[0, n)``, or
+            ``layer`` was not captured.
     """
     if matrix not in ("ff1", "ff2"):
         raise InputError(f"matrix must be ff1 or ff2, not {matrix!r}")
@@ -71,7 +86,7 @@ def cell_details(
     dominated = (owner == position).nonzero().flatten()
     order = neuron_norms[dominated].argsort(descending=True)[:n_neurons]
     index = dominated[order]
-    neurons: list[dict[str, Any]] = []
+    neurons: list[CellNeuron] = []
     if index.numel():
         vectors = (
             g.input_space_neurons(index) if matrix == "ff1" else g.output_space_neurons(index)
@@ -81,32 +96,32 @@ def cell_details(
         cosine = F.cosine_similarity(vectors, side[position][None], dim=-1)
         for row, j in enumerate(index.tolist()):
             neurons.append(
-                {
-                    "index": j,
-                    "norm": float(neuron_norms[j]),
-                    "share": float(terms[position, j] / total[row]) if total[row] > 0 else 0.0,
-                    "coefficient": float(coef[position, j]),
-                    "cosine": float(cosine[row]),
-                    **_reading(lm, proj, row),
-                }
+                CellNeuron(
+                    index=j,
+                    norm=float(neuron_norms[j]),
+                    share=float(terms[position, j] / total[row]) if total[row] > 0 else 0.0,
+                    coefficient=float(coef[position, j]),
+                    cosine=float(cosine[row]),
+                    **_reading(lm, proj, row).model_dump(),
+                )
             )
     term_norms = g.position_norms().float()
-    return {
-        "matrix": matrix,
-        "layer": int(layer),
-        "position": position,
-        "token": cap.tokens[position],
-        "normalized": normalized,
-        "norm": float(vector.norm()),
-        "lens": lens,
-        "gradient": {
-            "rank": g.rank(),
-            "norm": g.norm(),
-            "position_term_norm": float(term_norms[position]),
-            "position_term_share": float(term_norms[position] / term_norms.sum().clamp_min(1e-30)),
-            "n_neurons": int(neuron_norms.numel()),
-            "n_dominated": int(dominated.numel()),
-        },
-        "neurons": neurons,
-        "reading": "top" if matrix == "ff1" else "bottom",
-    }
+    return CellReply(
+        matrix="ff1" if matrix == "ff1" else "ff2",
+        layer=int(layer),
+        position=position,
+        token=cap.tokens[position],
+        normalized=normalized,
+        norm=float(vector.norm()),
+        lens=lens,
+        gradient=CellGradient(
+            rank=g.rank(),
+            norm=g.norm(),
+            position_term_norm=float(term_norms[position]),
+            position_term_share=float(term_norms[position] / term_norms.sum().clamp_min(1e-30)),
+            n_neurons=int(neuron_norms.numel()),
+            n_dominated=int(dominated.numel()),
+        ),
+        neurons=neurons,
+        reading="top" if matrix == "ff1" else "bottom",
+    )

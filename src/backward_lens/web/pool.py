@@ -60,6 +60,13 @@ class ModelSlot:
         self.state, self.since = state, time.monotonic()
 
     def status(self) -> dict[str, object]:
+        """This model's entry in the page's status line.
+
+        Returns:
+            ``name``, ``loaded``, ``state`` (``idle``, ``loading``, ``busy``), ``seconds`` in that
+            state (0 when idle), ``waiting`` (requests queued on the lock) and ``n_layers`` (None
+            until loaded).
+        """
         return {
             "name": self.name,
             "loaded": self.lm is not None,
@@ -71,7 +78,14 @@ class ModelSlot:
 
 
 class ModelPool:
-    """The configured models, in display order (the first is the default)."""
+    """The configured models, in display order (the first is the default).
+
+    Args:
+        slots: the models; their names must be distinct (a later slot replaces an earlier one).
+
+    Raises:
+        InputError: no slot.
+    """
 
     def __init__(self, slots: list[ModelSlot]) -> None:
         if not slots:
@@ -92,6 +106,7 @@ class ModelPool:
 
     @property
     def names(self) -> list[str]:
+        """The configured model names, the default first."""
         return list(self.slots)
 
     def get(self, name: object) -> ModelSlot:
@@ -112,4 +127,5 @@ class ModelPool:
         return self.slots[name]
 
     def status(self) -> list[dict[str, object]]:
+        """Every slot's :meth:`ModelSlot.status`, in display order."""
         return [s.status() for s in self.slots.values()]

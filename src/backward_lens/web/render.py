@@ -8,11 +8,11 @@ fetched from the network: the page opens from disk, offline, and can be shared a
 from __future__ import annotations
 
 import html
-import json
-import math
 from functools import cache
 from importlib import resources
 from typing import Any
+
+from backward_lens.io import dumps
 
 _REQUIRED = ("model", "vocab_size", "prompt", "tokens", "target", "prediction", "layers")
 
@@ -29,19 +29,8 @@ def json_for_script(data: Any) -> str:
     ``<``, ``>`` and ``&`` are escaped as JSON unicode escapes, so a token such as ``</script>``
     in a prompt cannot close the tag; ``JSON.parse`` restores them.
     """
-    text = json.dumps(_finite(data), ensure_ascii=False, allow_nan=False)
+    text = dumps(data)  # NaN and infinities as null: JSON.parse has no spelling for them
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities become null (JSON has no spelling for them; JSON.parse would fail)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _page(title: str, body: str, scripts: list[str], data: dict[str, Any]) -> str:

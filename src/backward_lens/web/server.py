@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import queue
 import selectors
@@ -47,6 +46,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from backward_lens.errors import BackwardLensError
+from backward_lens.io import dumps
+from backward_lens.schema import ErrorReply
 from backward_lens.web.app import ViewerApp
 from backward_lens.web.render import render_app_html
 from backward_lens.web.validation import parse_json_body
@@ -87,6 +88,7 @@ class ServerOptions:
     retry_after: int = 2
 
     def __post_init__(self) -> None:
+        """Refuse a capacity or timeout that cannot work (ValueError)."""
         if self.workers < 1 or self.queue < 0 or self.backlog < 1:
             raise ValueError("workers and backlog must be at least 1, queue at least 0")
         if not (self.timeout > 0 and self.request_deadline > 0 and self.retry_after >= 0):
@@ -110,6 +112,7 @@ class ServerStats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (and track ``peak_active``), under the lock."""
         with self.lock:
             setattr(self, name, getattr(self, name) + n)
             if name == "active":
@@ -117,7 +120,12 @@ class ServerStats:
 
 
 def _json_bytes(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
+    """A reply body: ``data`` (a dict or a ``backward_lens.schema`` reply model) as UTF-8 JSON.
+
+    Written by the one serialiser (``io.dumps``): NaN and infinities become ``null``, which
+    ``JSON.parse`` in the page can read.
+    """
+    return dumps(data).encode()
 
 
 # -- Host and Origin ----------------------------------------------------------------------------
@@ -223,10 +231,12 @@ class _Housekeeper:
         self._incoming.put(sock)
 
     def arm(self, sock: socket.socket, deadline: float) -> None:
+        """Shut ``sock`` down once ``deadline`` (``time.monotonic()`` seconds) passes."""
         with self._lock:
             self._armed[sock] = deadline
 
     def disarm(self, sock: socket.socket) -> None:
+        """Cancel ``sock``'s deadline (its request arrived, or the connection ended)."""
         with self._lock:
             self._armed.pop(sock, None)
 
@@ -289,6 +299,12 @@ class ViewerServer(HTTPServer):
 
     Use :func:`make_server`. ``serve_forever()`` accepts connections and hands them to the
     workers; ``shutdown()`` then ``server_close()`` stop it.
+
+    Args:
+        address: ``(host, port)`` to bind (an IPv6 host gets an IPv6 socket).
+        app: the request logic.
+        quiet: do not log each request.
+        options: capacity and timeouts (default :class:`ServerOptions`).
     """
 
     allow_reuse_address = True
@@ -300,6 +316,7 @@ class ViewerServer(HTTPServer):
         quiet: bool = False,
         options: ServerOptions | None = None,
     ) -> None:
+        """Bind ``address`` (IPv6 when the host has a colon) and prepare the worker pool."""
         self.app = app
         self.quiet = quiet
         self.options = options or ServerOptions()
@@ -314,10 +331,10 @@ class ViewerServer(HTTPServer):
         )
         port = int(self.server_address[1])
         self.housekeeper = _Housekeeper(self.stats, name=f"viewer:{port}:housekeeper")
-        busy = {
-            "error": "the viewer is busy with other requests; try again in a few seconds",
-            "retry_after": self.options.retry_after,
-        }
+        busy = ErrorReply(
+            error="the viewer is busy with other requests; try again in a few seconds",
+            retry_after=self.options.retry_after,
+        )
         body = _json_bytes(busy)
         self._busy_response = (
             "HTTP/1.1 503 Service Unavailable\r\n"
@@ -335,11 +352,13 @@ class ViewerServer(HTTPServer):
 
     @property
     def url(self) -> str:
+        """The address to open in a browser (``http://host:port/``)."""
         host, port = str(self.server_address[0]), int(self.server_address[1])
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{port}/"
 
     def is_loopback(self) -> bool:
+        """Whether the server is bound to a loopback address (the Host checks are on)."""
         return self._loopback
 
     def threads(self) -> list[threading.Thread]:
@@ -433,6 +452,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
     # -- plumbing -------------------------------------------------------------------------------
 
     def log_message(self, format: str, *args: Any) -> None:
+        """One line per request on stderr, unless the server is quiet."""
         if not self.server.quiet:
             sys.stderr.write(f"[serve] {self.address_string()} {format % args}\n")
 
@@ -469,7 +489,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self._send(status, _json_bytes(data), "application/json; charset=utf-8", {})
 
     def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+        self._json(status, ErrorReply(error=message))
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors found by ``http.server`` itself (bad request line, headers...) as JSON too."""
@@ -522,13 +542,16 @@ class ViewerHandler(BaseHTTPRequestHandler):
     # -- routes ---------------------------------------------------------------------------------
 
     def do_GET(self) -> None:
+        """The page, ``/api/config``, ``/api/status`` and the training reports."""
         self._received()
         self._guarded(self._get)
 
     def do_HEAD(self) -> None:
+        """As GET, without the body."""
         self.do_GET()
 
     def do_POST(self) -> None:
+        """``/api/explain``, ``/api/cell`` and ``/api/edit`` (JSON bodies, same origin only)."""
         self._guarded(self._post)
 
     def _get(self) -> None:
@@ -569,7 +592,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
                 "cross-origin request refused: post from the viewer's own page",
             )
         app = self.server.app
-        routes: dict[str, Callable[[Any], dict[str, Any]]] = {
+        routes: dict[str, Callable[[Any], Any]] = {
             "/api/explain": app.explain,
             "/api/cell": app.cell,
             "/api/edit": app.edit,
@@ -614,7 +637,8 @@ def make_server(
 
     Args:
         app: the request logic and its models.
-        host, port: where to listen; a loopback host also turns on the Host checks.
+        host: the address to listen on; a loopback host also turns on the Host checks.
+        port: the port (0: any free one).
         quiet: do not log each request to stderr.
         options: capacity and timeouts (:class:`ServerOptions`; the defaults suit one user).
 

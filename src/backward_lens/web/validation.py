@@ -39,6 +39,7 @@ class Limits:
     max_sessions: int = 8
 
     def to_dict(self) -> dict[str, Any]:
+        """The limits by name (sent to the page in ``/api/config``)."""
         return asdict(self)
 
 
@@ -89,7 +90,7 @@ def parse_json_body(raw: bytes, max_depth: int) -> Any:
 
 
 def _check_encodable(key: str, value: str) -> None:
-    """Refuse strings that cannot be UTF-8 (lone surrogates from ``\\ud800`` escapes)."""
+    r"""Refuse strings that cannot be UTF-8 (lone surrogates from ``\\ud800`` escapes)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -97,9 +98,21 @@ def _check_encodable(key: str, value: str) -> None:
 
 
 class Body:
-    """A request's JSON object; each accessor validates one field and records it as known."""
+    """A request's JSON object; each accessor checks one field with a message for the page.
+
+    The checked values become a request model of ``backward_lens.schema`` (``ExplainRequest``,
+    ``CellRequest``, ``EditRequest``), whose fields are the allowed names.
+
+    Args:
+        payload: the decoded body.
+        allowed: the field names the request may carry.
+
+    Raises:
+        InputError: the body is not a JSON object, or it has a field not in ``allowed``.
+    """
 
     def __init__(self, payload: Any, allowed: set[str]) -> None:
+        """Check the body's type and field names."""
         if not isinstance(payload, dict):
             raise InputError("the request body must be a JSON object")
         unknown = sorted(set(payload) - allowed)
@@ -111,6 +124,11 @@ class Body:
         self.payload = payload
 
     def text(self, key: str, max_chars: int, default: str | None = None) -> str:
+        """A required string of at most ``max_chars`` characters (``default`` if absent).
+
+        Raises:
+            InputError: missing, not a string, too long, or not encodable as UTF-8.
+        """
         value = self.payload.get(key, default)
         if value is None:
             raise InputError(f"{key} is required")
@@ -122,6 +140,11 @@ class Body:
         return value
 
     def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int:
+        """An integer in ``[lo, hi]`` (a string of digits is read as one; not a bool).
+
+        Raises:
+            InputError: missing without a default, not an integer, or out of range.
+        """
         value = self.payload.get(key, default)
         if isinstance(value, str) and INTEGER_RE.match(value):
             value = int(value)
@@ -130,7 +153,11 @@ class Body:
         return value
 
     def number(self, key: str, lo: float, hi: float, default: float | None = None) -> float:
-        """A float in (lo, hi]: the lower bound is exclusive."""
+        """A float in (lo, hi]: the lower bound is exclusive.
+
+        Raises:
+            InputError: missing without a default, not a finite number, or out of range.
+        """
         value = self.payload.get(key, default)
         try:  # the same check as the CLI and the editors (backward_lens.checks)
             return checks.number(key, value, lo=lo, hi=hi)
@@ -140,19 +167,33 @@ class Body:
             ) from None
 
     def flag(self, key: str, default: bool = False) -> bool:
+        """A JSON ``true`` or ``false`` (``default`` if absent).
+
+        Raises:
+            InputError: any other value.
+        """
         value = self.payload.get(key, default)
         if not isinstance(value, bool):
             raise InputError(f"{key} must be true or false")
         return value
 
     def choice(self, key: str, options: list[str], default: str | None = None) -> str:
+        """One of ``options``.
+
+        Raises:
+            InputError: any other value.
+        """
         value = self.payload.get(key, default)
         if value not in options:
             raise InputError(f"{key} must be one of {', '.join(options)} (got {value!r})")
         return str(value)
 
     def texts(self, key: str, max_items: int, max_chars: int) -> list[str]:
-        """A list of strings (blank ones dropped); a single string is split into lines."""
+        """A list of strings (blank ones dropped); a single string is split into lines.
+
+        Raises:
+            InputError: not strings, more than ``max_items``, or one over ``max_chars``.
+        """
         value = self.payload.get(key, [])
         if isinstance(value, str):
             value = value.splitlines()
@@ -170,6 +211,11 @@ class Body:
         return items
 
     def session(self) -> str:
+        """The session id: 1 to 64 letters, digits, ``-`` or ``_`` (default ``"default"``).
+
+        Raises:
+            InputError: any other value.
+        """
         value = self.payload.get("session", "default")
         if not isinstance(value, str) or not SESSION_RE.match(value):
             raise InputError("session must be 1 to 64 letters, digits, '-' or '_'")

@@ -93,10 +93,19 @@ def _target_stats(logits: Tensor, target: int, answer: int) -> dict[str, float]:
 
 
 def default_layer(n_layers: int) -> int:
+    """The block studied when ``StudyOptions.layer`` is unset: the middle one, ``n_layers // 2``."""
     return n_layers // 2
 
 
 class ImprintShiftExperiment(Experiment):
+    """§5, Lemma 5.2 (imprint and shift): a real SGD step with one token's term vs the lemma.
+
+    At the studied block (``StudyOptions.layer``, default :func:`default_layer`) each of the four
+    :data:`STEPS` updates FF1 or FF2 with the rank-1 term x_i^T delta_i of the last subject token or
+    the last token, at rate ``StudyOptions.lr``; then the full step (all n terms) and the two
+    dominant terms alone. Weights are restored bit-exactly after each step (:func:`sgd_step`).
+    """
+
     name = "imprint-shift"
     title = "Imprint and shift: one SGD step against Lemma 5.2"
     paper = (
@@ -110,7 +119,21 @@ class ImprintShiftExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
-        layer = options.resolve_layer(lm.n_layers, default_layer(lm.n_layers))
+        """Take the single-term and full SGD steps on one prompt and measure their effect.
+
+        Runs 1 + 4 + 2 x 2 forward passes of the prompt (no backward pass: the factors come from
+        ``capture``).
+
+        Returns:
+            ``layer``, ``lr``, ``n``, ``subject_pos`` (the last subject token's position),
+            ``tokens``, ``before`` (the target's logit and probability, the answer's probability),
+            ``single`` (one row per step of :data:`STEPS`: predicted and measured norm of the change
+            at position i, their relative error and cosine, and the target statistics before and
+            after) and ``full`` (per matrix: the full step's relative error at the last position,
+            the target-logit change of the full and of the two-term step, and the R² of the change
+            the two terms explain).
+        """
+        layer = options.resolve_layer(lm.arch, default_layer(lm.n_layers))
         lr = options.lr
         ids = list(capture.request.input_ids)
         n = len(ids)
@@ -187,6 +210,18 @@ class ImprintShiftExperiment(Experiment):
         }
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        """Lemma 5.2's error and the target-logit change per step, over all records.
+
+        Args:
+            rows: the records' :meth:`measure` rows (all at the same layer and rate).
+            meta: run metadata (unused).
+
+        Returns:
+            One table row per single step (errors, cosines, mean target-logit change, share of
+            prompts where the target's logit rises) and per matrix's full step (the two terms' R²
+            and share of the logit change); no curves; headline with the largest relative error and
+            the FF2 last-token shift's effect; ``extra`` holds the figure's points.
+        """
         table: list[dict[str, Any]] = []
         headline: dict[str, Any] = {
             "records": len(rows),
@@ -265,6 +300,7 @@ class ImprintShiftExperiment(Experiment):
         return Aggregate(table, {}, headline, {"points": points, "dlogit": dl})
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
+        """Predicted vs measured change (log-log); target-logit change per step (box plots)."""
         plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         ax = axes[0]
@@ -299,6 +335,7 @@ class ImprintShiftExperiment(Experiment):
         return fig
 
     def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
+        """State Lemma 5.2's largest relative error and how much the two dominant terms explain."""
         h = agg.headline
         return (
             f"Lemma 5.2 holds to float precision: the largest relative error between the predicted "

@@ -1,8 +1,8 @@
-"""App. C (Tables 2-5, Figs. 7-9): the dense gradient of one layer, neuron by neuron, against the
-n spanning vectors it is built from.
+"""App. C (Tables 2-5, Figs. 7-9): one layer's gradient, neuron by neuron, vs its spanning set.
 
-Each FF2 gradient neuron is sum_i x_i^FF2[j] delta_i and each FF1 neuron sum_i delta_i^FF1[j] x_i
-(Eqs. 9-10). For every neuron (highest norm first) we compare its lens reading with each spanning
+The dense gradient of one layer is compared with the n spanning vectors it is built from. Each FF2
+gradient neuron is sum_i x_i^FF2[j] delta_i and each FF1 neuron sum_i delta_i^FF1[j] x_i (Eqs.
+9-10). For every neuron (highest norm first) we compare its lens reading with each spanning
 vector's: the overlap of their top-``top`` tokens, sign-aware (negative when the overlap is larger
 after flipping the neuron's sign), and their cosine. The paper's claim: every high-norm neuron
 matches one or two spanning vectors. We also report the exact share of each neuron's norm budget
@@ -69,6 +69,13 @@ def signed_overlap(g_pos: torch.Tensor, g_neg: torch.Tensor, s_pos: torch.Tensor
 
 
 class NeuronsExperiment(Experiment):
+    """App. C (Tables 2-5, Figs. 7-9): high-norm gradient neurons vs one or two spanning vectors.
+
+    Studies one block (``StudyOptions.layer``, default the relative depth of GPT-2 medium's layer
+    14, see :func:`default_layer`); FF2 neurons are compared with the VJPs delta_i, FF1 neurons with
+    the inputs x_i (Eqs. 9-10).
+    """
+
     name = "neurons"
     title = "Gradient neurons vs spanning vectors (paper App. C)"
     paper = (
@@ -81,7 +88,21 @@ class NeuronsExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
-        layer = options.resolve_layer(lm.n_layers, default_layer(lm.n_layers))
+        """Compare the studied layer's highest-norm neurons with the spanning vectors of one prompt.
+
+        Only the ``options.max_neurons`` largest neurons per matrix are built (through the factors,
+        never the dense gradient); their lens readings are compared with every spanning vector's
+        top-``options.top`` tokens.
+
+        Returns:
+            ``layer``, ``tokens``, ``odd_lens`` and, per matrix (``ff1``, ``ff2``): ``d_m`` (neuron
+            count), the kept neurons' ``norms`` (descending), ``best_span``/``best_score`` (the best
+            matching spanning vector and its signed overlap in [-1, 1]), ``best_abs_cos``,
+            ``matches`` (spanning vectors sharing at least :data:`MATCH` of the top tokens),
+            ``top2_share`` (the two largest terms' share of sum_i |c_ij| ||s_i||) and a ``detail``
+            block of the first :data:`DETAIL` neurons for the figure.
+        """
+        layer = options.resolve_layer(lm.arch, default_layer(lm.n_layers))
         odd = _lens_is_odd(lm)
         k = options.top
         out: dict[str, Any] = {"layer": layer, "tokens": capture.tokens, "odd_lens": odd}
@@ -132,6 +153,19 @@ class NeuronsExperiment(Experiment):
         return out
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        """Match statistics per matrix and neuron-norm bin (:data:`BINS`, fractions of the neurons).
+
+        Args:
+            rows: the records' :meth:`measure` rows (all at the same layer).
+            meta: run metadata (unused).
+
+        Returns:
+            Table rows ``matrix, norm_rank_from, norm_rank_to, neurons, share_matching_1_or_2,
+            share_matching_none, mean_best_overlap, mean_best_abs_cos, mean_top2_term_share``; no
+            curves; headline with, per matrix, the top :data:`HIGH` neurons' share matching one or
+            two spanning vectors, their top-2 term share and best cosine; ``extra`` holds the
+            histogram of matches and the first record (the figure's example).
+        """
         table: list[dict[str, Any]] = []
         headline: dict[str, Any] = {"records": len(rows), "layer": rows[0]["layer"]}
         hist: dict[str, list[float]] = {}
@@ -189,6 +223,7 @@ class NeuronsExperiment(Experiment):
         return Aggregate(table, {}, headline, {"hist": hist, "example": first})
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
+        """Figs. 7-9: overlap and cosine maps of the example's neurons, histogram of matches."""
         plt = pyplot()
         ex = agg.extra["example"]
         fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
@@ -228,6 +263,7 @@ class NeuronsExperiment(Experiment):
         return fig
 
     def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
+        """State the share of high-norm neurons matching one or two spanning vectors (FF2, FF1)."""
         h = agg.headline
         ex = agg.extra["example"]["ff2"]["detail"]
         return (

@@ -1,5 +1,7 @@
-"""Figs. 5, 16, 17: where the update lives: mean ||delta_i|| (FF2 VJPs) and ||x_i|| (FF1 inputs)
-per prompt segment and layer."""
+"""Figs. 5, 16, 17: where the update lives, per prompt segment and layer.
+
+The measures are the mean ||delta_i|| of FF2's VJPs and ||x_i|| of FF1's inputs.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +28,13 @@ from backward_lens.study.segments import SEGMENT_LABELS
 
 
 class NormsExperiment(Experiment):
+    """Figs. 5, 16, 17 (App. F.1): mean ||delta_i|| (FF2) and ||x_i|| (FF1) per segment and layer.
+
+    Positions are grouped by ROME's causal-tracing segments (:mod:`backward_lens.study.segments`):
+    the paper finds the update on the subject tokens (mostly the last one) in the first quarter of
+    the layers and on the last prompt token around the middle layers.
+    """
+
     name = "norms"
     title = "VJP and input norms per prompt segment (paper Figs. 5, 16, 17)"
     paper = (
@@ -39,6 +48,12 @@ class NormsExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
+        """Per-position norms of FF2's VJPs and FF1's inputs for one prompt.
+
+        Returns:
+            ``tokens``, ``segments`` (segment -> positions), ``delta_norm`` (||delta_i|| of FF2)
+            and ``x_norm`` (||x_i|| of FF1), each a [layers, n] nested list (6 significant digits).
+        """
         delta = capture.stack("ff2", "delta").norm(dim=-1)  # [L, n]
         x = capture.stack("ff1", "x").norm(dim=-1)  # [L, n]
         return {
@@ -49,6 +64,19 @@ class NormsExperiment(Experiment):
         }
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        """Mean norms per segment and layer, averaged over records (each a mean over positions).
+
+        Args:
+            rows: the records' :meth:`measure` rows.
+            meta: run metadata; reads ``n_layers``.
+
+        Returns:
+            Table rows ``segment, layer, layer_norm, delta_norm, x_norm, records``; curves of
+            ||delta|| relative to the model's largest ROME-segment mean (models differ in VJP scale
+            by orders of magnitude); headline with each segment's peak layer, the top segment of the
+            first quarter and of the middle half of the layers, and the Pearson r of ||x_i|| and
+            ||delta_i|| over all (layer, position) cells but the last layer's (Fig. 17).
+        """
         n_layers = int(meta["n_layers"])
         axis = layer_axis(n_layers)
         d_means, counts = segment_means(rows, "delta_norm")
@@ -119,6 +147,7 @@ class NormsExperiment(Experiment):
         )
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
+        """Segment x layer heatmaps of ||delta_i|| (FF2) above ||x_i|| (FF1), BOS row clipped."""
         plt = pyplot()
         segs = agg.extra["segments"]
         fig, axes = plt.subplots(2, 1, figsize=(8, 5.6))
@@ -142,6 +171,7 @@ class NormsExperiment(Experiment):
         return fig
 
     def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
+        """State where ||delta_i|| peaks (segment and layer) and how ||x_i|| correlates with it."""
         h = agg.headline
         n_layers = int(meta["n_layers"])
         lab = SEGMENT_LABELS

@@ -1,5 +1,8 @@
-"""Figs. 19-21: where the model's own original answer (and the target) sit in the lens of the last
-token's FF2 VJP delta_n and FF1 input x_n, split by whether the model answered correctly."""
+"""Figs. 19-21: lens ranks of the model's own original answer (and of the target).
+
+They are read in the lens of the last token's FF2 VJP delta_n and FF1 input x_n, split by whether
+the model answered correctly.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +26,13 @@ GROUPS = ("all", "correct", "incorrect")
 
 
 class OriginalRankExperiment(Experiment):
+    """Figs. 19-21 (App. F.2): lens ranks of the model's original answer and of the target.
+
+    The original answer is the model's top-1 token at the last prompt position; it is "correct"
+    when it is the first token of the record's ``target_true``. Ranks are 0 for the most probable
+    token and |V| - 1 for the least probable.
+    """
+
     name = "original-rank"
     title = "Rank of the model's original answer (paper Figs. 19-21)"
     paper = (
@@ -36,6 +46,14 @@ class OriginalRankExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
+        """Lens ranks of the original answer and the target at the last position of one prompt.
+
+        Returns:
+            ``answer_id``, ``answer`` (its label), ``true_id`` (None without ``target_true``),
+            ``correct`` (None if unknown) and three [layers] rank lists: ``answer_in_delta`` (in
+            LL(delta_n) of FF2, Fig. 19), ``answer_in_x`` (in LL(x_n) of FF1, Fig. 20) and
+            ``target_in_x`` (the target in LL(x_n) of FF1, Fig. 21).
+        """
         answer = capture.prediction_id
         true_id = None
         if item.record.target_true and item.record.target_true.strip():
@@ -55,6 +73,17 @@ class OriginalRankExperiment(Experiment):
         }
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        """Mean normalised ranks (rank / (|V| - 1)) per group (all, correct, incorrect) and layer.
+
+        Args:
+            rows: the records' :meth:`measure` rows.
+            meta: run metadata; reads ``n_layers`` and ``vocab_size``.
+
+        Returns:
+            Table rows ``group, records, layer, layer_norm`` plus one column per quantity; a curve
+            per (quantity, group); headline with the accuracy, the most common answers and summary
+            ranks per quarter of the layers.
+        """
         n_layers, top = int(meta["n_layers"]), int(meta["vocab_size"]) - 1
         axis = layer_axis(n_layers)
         members = {
@@ -106,6 +135,7 @@ class OriginalRankExperiment(Experiment):
         return Aggregate(table, curves, headline)
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
+        """Figs. 19-21 as three panels: normalised rank per normalised layer, one line per group."""
         plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
         styles = {"all": "-", "correct": "--", "incorrect": ":"}
@@ -126,6 +156,7 @@ class OriginalRankExperiment(Experiment):
         return fig
 
     def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
+        """State the accuracy and where the original answer sits in LL(delta_n) and LL(x_n)."""
         h = agg.headline
         text = ""
         if h["accuracy"] is not None:

@@ -14,6 +14,13 @@ from backward_lens.study.figures import pyplot
 
 
 class RankExperiment(Experiment):
+    """Fig. 3: the share of prompts whose MLP gradients have full rank n, per layer.
+
+    Lemma 4.1 bounds the rank of dL/dW by the prompt length n; App. A shows the last layer's
+    gradient has rank 1 (only the last position's VJP is non-zero there). Ranks come from
+    :meth:`backward_lens.lowrank.LowRankGradient.rank` (float32 tolerance, see there).
+    """
+
     name = "rank"
     title = "Gradient rank per layer (paper Fig. 3)"
     paper = (
@@ -26,10 +33,28 @@ class RankExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
+        """Rank of every captured matrix's gradient at every layer of one prompt.
+
+        Returns:
+            ``{"n": prompt length in tokens, "ranks": {matrix: [rank per layer]}}``.
+        """
         ranks = {name: [g.rank() for g in grads] for name, grads in capture.gradients.items()}
         return {"n": capture.n, "ranks": ranks}
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        """Share of prompts with rank = n, per matrix and layer.
+
+        Args:
+            rows: the records' :meth:`measure` rows.
+            meta: run metadata; reads ``n_layers``.
+
+        Returns:
+            Table rows ``matrix, layer, layer_norm, share_full_rank, mean_rank, mean_deficit,
+            share_rank_1``; one curve per matrix (% of prompts with rank = n against the normalised
+            layer index); per matrix the headline's minimum and mean full-rank percentage over every
+            layer but the last, the worst layer, the largest deficit and the last layer's rank-1
+            percentage.
+        """
         n_layers = int(meta["n_layers"])
         axis = layer_axis(n_layers)
         names = list(rows[0]["ranks"])
@@ -60,6 +85,7 @@ class RankExperiment(Experiment):
         return Aggregate(table, curves, headline)
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
+        """Plot % of prompts with rank = n per normalised layer, with the paper's 98.5% line."""
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         for label, c in agg.curves.items():
@@ -77,6 +103,7 @@ class RankExperiment(Experiment):
         return fig
 
     def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
+        """State the full-rank shares per matrix and the last layer's rank-1 share."""
         h = agg.headline
         parts = [
             f"FF1's gradient has full rank n in {h['ff1_full_rank_min_pct']:.1f}% to 100% of "

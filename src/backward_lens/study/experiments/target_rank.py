@@ -29,6 +29,13 @@ from backward_lens.study.segments import SEGMENT_LABELS
 
 
 class TargetRankExperiment(Experiment):
+    """Figs. 6, 18 (App. F.2, H): the target's rank in LL(delta_i) of FF2 per segment and layer.
+
+    Lemma 5.1 predicts the target among the least probable tokens of each delta_i (descent subtracts
+    delta_i). Both the plain logit lens and the normalised lens (App. H: each delta_i L2-normalised
+    before the lens) are read.
+    """
+
     name = "target-rank"
     title = "Rank of the target in the lens of FF2 VJPs (paper Figs. 6, 18)"
     paper = (
@@ -42,6 +49,13 @@ class TargetRankExperiment(Experiment):
     def measure(
         self, lm: LensModel, item: Item, capture: Capture, options: StudyOptions
     ) -> dict[str, Any]:
+        """The target's lens rank in every FF2 VJP delta_i of one prompt.
+
+        Returns:
+            ``tokens``, ``segments``, ``target_id`` and the [layers, n] rank lists ``rank_raw``
+            (logit lens) and ``rank_normalized`` (normalised lens); 0 = most probable, |V| - 1 =
+            least.
+        """
         delta = capture.stack("ff2", "delta")  # [L, n, d]
         shape = delta.shape[:2]
         target = capture.target_id
@@ -56,6 +70,18 @@ class TargetRankExperiment(Experiment):
         }
 
     def aggregate(self, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> Aggregate:
+        """Mean normalised rank (rank / (|V| - 1), 1 = least probable) per segment and layer.
+
+        Args:
+            rows: the records' :meth:`measure` rows.
+            meta: run metadata; reads ``n_layers`` and ``vocab_size``.
+
+        Returns:
+            Table rows ``segment, layer, layer_norm, rank_raw, rank_normalized_lens, records``; the
+            last token's curves for both lenses (Fig. 18); headline with the last token's mean rank,
+            the share of (prompt, layer) pairs with the target in the bottom 1% and the other
+            segments' mean rank.
+        """
         n_layers, top = int(meta["n_layers"]), int(meta["vocab_size"]) - 1
         axis = layer_axis(n_layers)
         scaled = [
@@ -122,6 +148,7 @@ class TargetRankExperiment(Experiment):
         )
 
     def figure(self, agg: Aggregate, meta: dict[str, Any]) -> Any:
+        """Segment x layer heatmaps for both lenses and the last token's curves (Figs. 6 and 18)."""
         plt = pyplot()
         segs = agg.extra["segments"]
         fig = plt.figure(figsize=(11, 5.4))
@@ -146,6 +173,7 @@ class TargetRankExperiment(Experiment):
         return fig
 
     def finding(self, agg: Aggregate, meta: dict[str, Any]) -> str:
+        """State how improbable the target is in the last token's delta_n and in other segments."""
         h = agg.headline
         return (
             f"In the last token's δ_n the target's mean normalised rank is "

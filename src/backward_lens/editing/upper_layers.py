@@ -40,6 +40,14 @@ class UpperBlocks:
         ids: Sequence[int] | Tensor,
         attention_mask: Tensor | None = None,
     ) -> None:
+        """Run the model once on ``ids``, recording the inputs of blocks ``layer`` and up.
+
+        Args:
+            lm: the model.
+            layer: the first block to re-run (0..n_layers-1).
+            ids: one sequence of token ids, or a [B, T] batch.
+            attention_mask: the batch's mask, [B, T] (None for one unpadded sequence).
+        """
         self.lm = lm
         self.layer = layer
         self.blocks = lm.arch.layers
@@ -68,8 +76,10 @@ class UpperBlocks:
     def final_hidden(
         self, module: nn.Module | None = None, hook: OutputHook | None = None
     ) -> Tensor:
-        """The last block's output [B, T, d] (before the final norm), with ``hook`` installed as
-        a forward hook on ``module`` (which must belong to a block at or above ``layer``).
+        """The last block's output [B, T, d] (before the final norm), ``hook`` installed.
+
+        ``hook`` is installed as a forward hook on ``module``, which must belong to a block at or
+        above ``layer``.
 
         Runs under the caller's grad mode, so a hook that adds a trainable tensor can be
         optimised through the upper blocks only.
@@ -89,8 +99,12 @@ class UpperBlocks:
 
     @torch.no_grad()
     def run(self, module: nn.Module | None = None, add: Tensor | None = None) -> Tensor:
-        """Last-position logits [V] (first row) after adding ``add`` ([T, d_out]) to
-        ``module``'s output."""
+        """Last-position logits [V] (first row) after adding ``add`` [T, d_out] to an output.
+
+        Args:
+            module: the module whose output changes (a block at or above ``layer``), or None.
+            add: the change of its output, [T, d_out], or None (no change).
+        """
         hook: OutputHook | None = None
         if module is not None and add is not None:
 
