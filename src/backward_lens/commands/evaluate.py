@@ -24,6 +24,7 @@ from backward_lens.commands.options import (
     positive_int,
 )
 from backward_lens.data import load_records
+from backward_lens.editing.table import EDITORS
 from backward_lens.errors import InputError
 
 NAME = "evaluate"
@@ -42,8 +43,8 @@ without recomputing anything (adding methods or records to a finished run only c
 new); --fresh discards those results and starts again. OUT/summary.md and OUT/summary.csv give
 mean ± std per method (x100 for fractions and entropies), with the unedited model first.
 
-A METHOD is an editor name (unedited, shift, shift-adaptive, ft, ft-early, ft-late, rome, memit,
-as registered) optionally with hyper-parameters: NAME:key=value,key=value (values read as JSON).
+A METHOD is an editor name optionally with hyper-parameters: NAME:key=value,key=value (values
+read as JSON). Editors: EDITOR_NAMES (and unedited, the baseline row).
 
 Or compute on Ray workers with --workers N (a local cluster; --ray-address ADDR or RAY_ADDRESS:
 an existing one): each worker loads the model once and pulls groups of records as it frees up,
@@ -64,7 +65,7 @@ Examples:
   for k in 0 1 2 3; do backward-lens evaluate --method rome --data counterfact-edit.json \\
       --out runs/cf-all --shard $k/4 --quiet & done; wait
   backward-lens evaluate --summary-only --out runs/cf-all
-"""
+""".replace("EDITOR_NAMES", ", ".join(EDITORS))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
