@@ -158,8 +158,9 @@ def test_a_universal_flag_is_identical_everywhere(flag: str) -> None:
 
 
 DIFFERENT_ON_PURPOSE = {
-    "--method": "evaluate compares several methods (repeatable); edit applies one",
+    "--method": "evaluate compares several methods (repeatable); edit applies one, sweep tunes one",
     "--layer": "edit takes a list for memit (3-7); study's neurons / imprint-shift study one block",
+    "--hparam": "edit sets one value per item (KEY=VALUE); sweep tries several (KEY=V1,V2)",
 }
 """Flags that take values differently in two commands, and why (anything else must agree)."""
 

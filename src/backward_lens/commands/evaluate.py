@@ -56,6 +56,16 @@ Slurm array): part K takes the groups of --group-size records g with g mod N == 
 records [g*G, (g+1)*G)) and writes OUT/results.shard-K-of-N.jsonl; the summary merges every part,
 bit-equal to one process, so any launcher can run the parts side by side.
 
+One table from several runs: --summary-only --from DIR (repeatable) combines finished runs of the
+same model, data file and settings into --out (a new or empty folder, or an earlier combined
+table's; never a run's own folder). Each --label LABEL after a --from DIR takes only that method
+from that run (one label per --label, written as in the run, e.g. 'shift:layer=22,eta=0.35';
+none: all its methods). A method taken from several runs must have equal lines on the records
+both have (the unedited baseline is checked so and kept once); then every method is restricted
+to the records every method has, so the table compares them on the same records. --records N
+keeps only the first N records. It writes OUT/summary.md, OUT/summary.csv and OUT/combined.json
+(the runs and their labels, the record count, the lines dropped per method).
+
 Examples:
   backward-lens evaluate --method shift --method shift-adaptive \\
       --data counterfact-edit.json --records 1000 --out runs/cf1000
@@ -65,6 +75,8 @@ Examples:
   for k in 0 1 2 3; do backward-lens evaluate --method rome --data counterfact-edit.json \\
       --out runs/cf-all --shard $k/4 --quiet & done; wait
   backward-lens evaluate --summary-only --out runs/cf-all
+  backward-lens evaluate --summary-only --out runs/table --records 300 \\
+      --from runs/cf1000 --from runs/rome --label rome --label memit
 """.replace("EDITOR_NAMES", ", ".join(EDITORS))
 
 
@@ -84,11 +96,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_shared(
         p,
         "--records",
-        "the first N records of --data (default: all; the paper uses 1000)",
+        "the first N records of --data (default: all; the paper uses 1000); with --from: "
+        "only the records at positions below N",
         type=positive_int,
         default=None,
     )
-    add_shared(p, "--out", "the run folder (results.jsonl, summary.md, ...)", required=True)
+    add_shared(
+        p,
+        "--out",
+        "the run folder (results.jsonl, summary.md, ...); with --from: the combined table's",
+        required=True,
+    )
     add_run_folder_flags(p)
     p.add_argument(
         "--no-baseline", action="store_true", help="do not add the unedited model as a method"
@@ -99,9 +117,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only rebuild summary.md/summary.csv from --out/results.jsonl (and its shards)",
     )
+    p.add_argument(
+        "--from",
+        dest="combine_from",
+        action=_FromRun,
+        default=[],
+        metavar="DIR",
+        help="with --summary-only: a finished run folder to combine into --out (repeatable; "
+        "the table is on the records every method has)",
+    )
+    p.add_argument(
+        "--label",
+        dest="combine_label",
+        action=_FromLabel,
+        metavar="LABEL",
+        help="take only the method LABEL from the run of the last --from (repeatable, one label "
+        "each, written as in that run; default: all its methods)",
+    )
     add_shard_argument(p, "the groups of --group-size records g with g mod N == K")
     add_ray_arguments(p)
     add_shared(p, "--quiet", "no progress bar, no table", action="store_true")
+
+
+class _FromRun(argparse.Action):
+    """``--from DIR``: add a run to combine, with all its labels until ``--label`` says which."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        """Append ``(DIR, None)`` to the runs to combine."""
+        sources = list(getattr(namespace, self.dest) or [])
+        sources.append((str(values), None))
+        setattr(namespace, self.dest, sources)
+
+
+class _FromLabel(argparse.Action):
+    """``--label LABEL``: take this label from the run of the last ``--from``.
+
+    The label is added to that run's entry in ``combine_from`` (``--from``'s list, so the order
+    of the two flags on the command line decides); its own slot keeps every label given.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        """Add ``LABEL`` to the last run's labels (an error before any ``--from``)."""
+        sources = list(getattr(namespace, "combine_from", None) or [])
+        if not sources:
+            parser.error("--label LABEL goes after the --from DIR it takes the method from")
+        folder, labels = sources[-1]
+        sources[-1] = (folder, [*(labels or []), str(values)])
+        namespace.combine_from = sources
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), values])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     from backward_lens.evaluation.harness import UNEDITED, check_methods
 
     out = Path(args.out)
+    if args.combine_from:
+        return _combine(args, out)
     if not args.summary_only:
         if not args.data:
             raise InputError("give the CounterFact file with --data FILE")
@@ -159,4 +236,27 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(md.read_text(), end="")
         print(f"summary: {md} and {csv}")
+    return 0
+
+
+def _combine(args: argparse.Namespace, out: Path) -> int:
+    """``--summary-only --from DIR ...``: one table from several runs, on the same records.
+
+    Raises:
+        InputError: --from without --summary-only, or an occupied --out.
+        DataError: runs that cannot be combined (see ``evaluation.combine``).
+    """
+    from backward_lens.evaluation.combine import write_combined
+
+    if not args.summary_only:
+        raise InputError("--from combines finished runs and computes nothing: add --summary-only")
+    files, report = write_combined(out, args.combine_from, args.records)
+    if not args.quiet:
+        print(files[0].read_text(), end="")
+        dropped = {k: v for k, v in report.dropped.items() if v}
+        print(
+            f"{report.records} records common to every method"
+            + (f"; lines dropped per method: {dropped}" if dropped else "")
+            + f"\nsummary: {', '.join(str(f) for f in files)}"
+        )
     return 0

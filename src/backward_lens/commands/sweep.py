@@ -1,4 +1,7 @@
-"""``backward-lens sweep``: pick forward pass shift's layer and eta on a held-out split."""
+"""``backward-lens sweep``: pick forward pass shift's layer and eta, or any editor's setting.
+
+The editor sweep (``--method NAME``) lives in :mod:`backward_lens.commands.sweep_editor`.
+"""
 
 from __future__ import annotations
 
@@ -20,17 +23,22 @@ from backward_lens.commands.common import (
 )
 from backward_lens.commands.options import (
     add_config_arguments,
+    add_run_folder_flags,
     add_shared,
     config_from_args,
     parse_layers,
     positive_int,
     signature_default,
 )
+from backward_lens.commands.sweep_editor import run_editor
 from backward_lens.data import load_records
+from backward_lens.editing.table import EDITORS
 from backward_lens.errors import InputError
 
 NAME = "sweep"
-HELP = "choose forward pass shift's layer and eta (efficacy vs neighbourhood trade-off)"
+HELP = (
+    "choose forward pass shift's layer and eta, or an editor's setting (efficacy vs neighbourhood)"
+)
 DESCRIPTION = """\
 Applies forward pass shift (FF2_l += eta * x_n^T e_t) for every candidate layer and eta to every
 record of a held-out CounterFact split (all records of one grid point share batched forward
@@ -58,10 +66,24 @@ Or compute on Ray workers with --workers N (a local cluster; --ray-address ADDR 
 an existing one): each worker loads the model and probes the records once, then computes the
 grid points it pulls; the table is the same. Needs: pip install 'backward-lens[ray]'.
 
-Example:
+Any other editor (--method NAME; editors: EDITOR_NAMES) is swept over the values of one
+hyper-parameter, --hparam KEY=V1,V2,... (values read as JSON, split at the commas outside
+brackets: --hparam layers=[3,4],[4,5] tries two lists), its others set with --fixed KEY=VALUE
+(repeatable; default: the editor's own, per model). Each value is one method of an evaluation
+run in OUT (single edits, measured exactly as `backward-lens evaluate` does, with the unedited
+model as the baseline row; fluency on the first --fluency-records records, perplexity on all of
+evaluate's perplexity texts, so --ppl-texts is not used); the same rule chooses the value (ties:
+the earlier value), and OUT/sweep.png plots efficacy, neighbourhood score, n-gram entropy and
+perplexity against it. As with evaluate, an OUT that holds results is refused unless --resume
+(continue, nothing done is recomputed) or --fresh (start again). --layers, --etas, --shard,
+--workers, --ray-address and --summary-only belong to the shift grid.
+
+Examples:
   backward-lens sweep --model smollm2-135m --data counterfact-val.json --records 64 \\
       --layers 9-27:3 --etas 0.3,0.6,0.9,1.2,1.8 --out runs/sweep-smollm2
-"""
+  backward-lens sweep --method memit --hparam mom2_update_weight=100,1000,10000,20000 \\
+      --data counterfact-val.json --records 16 --fluency-records 4 --out runs/memit-lambda
+""".replace("EDITOR_NAMES", ", ".join(EDITORS))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,6 +96,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         shift_sweep,
     )
 
+    p.add_argument(
+        "--method",
+        default="shift",
+        metavar="NAME",
+        help="what to sweep: shift (the --layers x --etas grid) or any editor, over the values "
+        "of --hparam (default: shift)",
+    )
+    p.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="with --method NAME: the hyper-parameter to sweep and its values, read as JSON "
+        "(e.g. mom2_update_weight=100,1000 or layers=[3,4],[4,5]); exactly one",
+    )
+    p.add_argument(
+        "--fixed",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --method NAME: another hyper-parameter of the editor, the same at every "
+        "value, read as JSON (repeatable)",
+    )
     add_model_arguments(p)
     add_shared(p, "--data", "held-out CounterFact file (e.g. counterfact-val.json)")
     add_shared(
@@ -124,7 +169,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=batch,
     )
-    add_shared(p, "--out", "sweep.csv, sweep.md, sweep.png (and the shards' parts)", required=True)
+    add_shared(
+        p,
+        "--out",
+        "sweep.csv, sweep.md, sweep.png (and the shards' parts, or the editor sweep's run)",
+        required=True,
+    )
+    add_run_folder_flags(p)
     add_shard_argument(p, "the grid points p with p mod N == K")
     add_ray_arguments(p)
     p.add_argument(
@@ -179,6 +230,21 @@ def run(args: argparse.Namespace) -> int:
     checks.number("--max-entropy-drop", args.max_entropy_drop, lo=0.0, hi=1.0, lo_open=False)
     checks.number("--max-perplexity-rise", args.max_perplexity_rise, lo=0.0, lo_open=False)
     fluency_settings = config_from_args(FluencySettings, args)
+    if args.method != "shift":
+        if not args.data:
+            raise InputError("give the held-out CounterFact file with --data FILE")
+        return run_editor(args, fluency_settings)
+    for flag, given in (
+        ("--hparam", args.hparam),
+        ("--fixed", args.fixed),
+        ("--resume", args.resume),
+        ("--fresh", args.fresh),
+    ):
+        if given:
+            raise InputError(
+                f"{flag} is for an editor sweep (--method NAME); the shift sweep takes its grid "
+                "from --layers and --etas and computes it afresh"
+            )
     if args.summary_only:
         out = checks.output_folder(args.out, "--out")
         df, settings, present, count = merge_parts(out)

@@ -1,8 +1,9 @@
 """Editing methods of an evaluation run: ``NAME`` or ``NAME:key=value,...``, and their editors.
 
 The one hyper-parameter syntax of the package: ``key=value`` with the value read as JSON when it
-parses (``layer=3``, ``layers=[3,4]``, ``eta=0.5``), else kept as text (:func:`parse_hparam`).
-``evaluate --method``, ``sweep`` and ``edit --hparam`` all read it here.
+parses (``layer=3``, ``layers=[3,4]``, ``eta=0.5``), else kept as text (:func:`parse_hparam`);
+a sweep's values are ``key=v1,v2,...`` (:func:`parse_values`). ``evaluate --method``,
+``sweep --hparam/--fixed`` and ``edit --hparam`` all read it here.
 """
 
 from __future__ import annotations
@@ -35,10 +36,44 @@ def parse_hparam(item: str, where: str = "") -> tuple[str, Any]:
     if not eq or not key.strip():
         place = f" {where}" if where else ""
         raise InputError(f"cannot read {item!r}{place}; write key=value")
+    return key.strip(), read_value(value)
+
+
+def read_value(text: str) -> Any:
+    """One hyper-parameter value: read as JSON when it parses (``3``, ``[3,4]``), else text."""
     try:
-        return key.strip(), json.loads(value)
+        return json.loads(text)
     except json.JSONDecodeError:
-        return key.strip(), value
+        return text
+
+
+def parse_values(item: str, where: str = "") -> tuple[str, list[Any]]:
+    """``"key=v1,v2,..."`` -> ``(key, [v1, v2, ...])``: the values a sweep tries.
+
+    Each value is read as :func:`parse_hparam` reads one (JSON when it parses, else text); the
+    values are split on the commas outside brackets (:func:`split_items`), so
+    ``layers=[3,4],[5,6]`` gives two lists.
+
+    Args:
+        item: ``key=`` and comma-separated values.
+        where: where it was written, for the error message (e.g. ``"in --hparam"``).
+
+    Returns:
+        The key and the values, in order.
+
+    Raises:
+        InputError: no ``=``, an empty key, no value, an empty value or unbalanced brackets.
+    """
+    key, _ = parse_hparam(item, where)
+    rest = item.partition("=")[2]
+    place = f" {where}" if where else ""
+    opened = sum(rest.count(c) for c in "[{") - sum(rest.count(c) for c in "]}")
+    if opened:
+        raise InputError(f"unbalanced brackets in {item!r}{place}; write {key}=V1,V2,...")
+    pieces = split_items(rest)
+    if not pieces or any(not p.strip() for p in pieces):
+        raise InputError(f"an empty value in {item!r}{place}; write {key}=V1,V2,...")
+    return key, [read_value(p.strip()) for p in pieces]
 
 
 @dataclass(frozen=True)

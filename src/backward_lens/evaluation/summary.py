@@ -125,11 +125,24 @@ def _num(value: float, digits: int) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.3g}"
 
 
+def summary_texts(df: pd.DataFrame) -> dict[str, str]:
+    """The summary files' names and texts: ``summary.md`` (:func:`to_markdown`), ``summary.csv``.
+
+    Args:
+        df: :func:`summarize`'s frame.
+
+    Returns:
+        File name -> text.
+    """
+    return {"summary.md": to_markdown(df), "summary.csv": df.to_csv()}
+
+
 def write_summary(out_dir: str | Path) -> tuple[Path, Path, pd.DataFrame]:
     """Write ``summary.md`` and ``summary.csv`` beside ``results.jsonl`` (atomically)."""
     out = Path(out_dir)
     df = summarize(read_results(out))
+    texts = summary_texts(df)
     md, csv = out / "summary.md", out / "summary.csv"
-    atomic_write_text(md, to_markdown(df))
-    atomic_write_text(csv, df.to_csv())
+    atomic_write_text(md, texts[md.name])
+    atomic_write_text(csv, texts[csv.name])
     return md, csv, df
