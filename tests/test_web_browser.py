@@ -4,11 +4,13 @@ Needs Debian's ``chromium`` and ``chromium-driver`` and Selenium (the ``test`` e
 ``apt-get install -y chromium chromium-driver && pip install selenium``. Every cell the page shows
 is compared with the library's own reading of the same prompt; the paper's expectation (" Rome"
 as the least probable token of the last position's FF2 VJP in the top layers) is checked too. The
-test stores a screenshot of the page at docs/viewer.png for the README.
+test takes a screenshot of the page (into docs/viewer.png for the README only when
+BACKWARD_LENS_UPDATE_SCREENSHOT=1).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -38,7 +40,8 @@ TARGET = " Rome"
 EDIT_LAYER, EDIT_ETA = 21, 0.3
 """A forward pass shift that makes SmolLM2 answer " Rome" (0.3 is the smallest of 0.02, 0.1, 0.3
 that flips it at the default layer 21; measured with the viewer's edit API)."""
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "viewer.png"
+README_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "viewer.png"
+"""Rewritten only when BACKWARD_LENS_UPDATE_SCREENSHOT=1 (a test run leaves tracked files alone)."""
 CHROME_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -126,7 +129,9 @@ def submit_and_wait(driver: Any, lens_text: str) -> None:
     wait(driver).until(ec.element_to_be_clickable((By.ID, "bl-submit")))
 
 
-def test_viewer_end_to_end(server: ViewerServer, browser: Any, smollm2: LensModel) -> None:
+def test_viewer_end_to_end(
+    server: ViewerServer, browser: Any, smollm2: LensModel, tmp_path: Path
+) -> None:
     d = browser
     down_proj = smollm2.arch.resolve(EDIT_LAYER, "ff2").module.weight
     weight_before = down_proj.detach().clone()
@@ -202,8 +207,10 @@ def test_viewer_end_to_end(server: ViewerServer, browser: Any, smollm2: LensMode
         d.set_window_size(1500, min(int(height) + int(outer) - int(inner) + 20, 6000))
     d.execute_script("window.scrollTo(0, 0);")
     ActionChains(d).move_to_element(cell).perform()
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    assert d.save_screenshot(str(SCREENSHOT))
+    update = os.environ.get("BACKWARD_LENS_UPDATE_SCREENSHOT") == "1"
+    shot = README_SCREENSHOT if update else tmp_path / "viewer.png"
+    assert d.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000  # a real page, not an empty frame
     d.set_window_size(1500, 1200)
 
     # 6. Revert and re-check: a fresh forward/backward pass predicts " Paris" again.

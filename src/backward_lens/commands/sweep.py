@@ -31,6 +31,7 @@ from backward_lens.commands.options import (
     signature_default,
 )
 from backward_lens.commands.sweep_editor import run_editor
+from backward_lens.commands.sweep_output import write_sweep
 from backward_lens.data import load_records
 from backward_lens.editing.table import EDITORS
 from backward_lens.errors import InputError
@@ -320,35 +321,21 @@ def _write_table(
     args: argparse.Namespace, out: Path, df: pd.DataFrame, settings: dict[str, object]
 ) -> None:
     """Choose the point and write sweep.csv, sweep.md and sweep.png (atomically)."""
-    from backward_lens.evaluation.sweep import choose, plot_sweep, with_verdicts
-    from backward_lens.io import atomic_write_text
+    from backward_lens.evaluation.sweep import plot_sweep
 
-    bounds = {
-        "max_entropy_drop": args.max_entropy_drop,
-        "max_perplexity_rise": args.max_perplexity_rise,
-    }
-    df = with_verdicts(df, **bounds)
-    atomic_write_text(out / "sweep.csv", df.to_csv(index=False))  # before a refusal to choose
-    best = choose(df, args.min_efficacy, **bounds)
-    table = _markdown(df, best)
-    atomic_write_text(out / "sweep.md", table)
     model = str(settings["model"])
-    plot_sweep(
-        df,
-        best,
-        out / "sweep.png",
+    title = (
         f"forward pass shift sweep: {model}, "
-        f"{int(df.records.iloc[0])} records of {Path(str(settings['data'])).name}",
+        f"{int(df.records.iloc[0])} records of {Path(str(settings['data'])).name}"
     )
-    if not args.quiet:
-        print(table)
-        print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
-    print(
-        f"chosen for {model}: layer={int(best.layer)} eta={best.eta:g} "
-        f"(efficacy {best.efficacy_acc:.1%}, paraphrase {best.paraphrase_acc:.1%}, "
-        f"neighbourhood score {best.neighborhood_score:.1%}, "
-        f"neighbourhood acc {best.neighborhood_acc:.1%}, n-gram entropy "
-        f"{best.fluency * 100:.1f}, perplexity {best.perplexity:.2f})"
+    write_sweep(
+        args,
+        out,
+        df,
+        markdown=_markdown,
+        plot=lambda table, best, path: plot_sweep(table, best, path, title),
+        choice=lambda best: f"layer={int(best.layer)} eta={best.eta:g}",
+        model=model,
     )
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from backward_lens import checks
 from backward_lens.commands.common import check_model_args, model_from_args, shard_from_args
+from backward_lens.commands.sweep_output import write_sweep
 from backward_lens.data import load_records
 from backward_lens.errors import InputError
 from backward_lens.evaluation.methods import (
@@ -158,29 +159,18 @@ def _write_table(
     model: str,
 ) -> None:
     """Choose the value and write sweep.csv, sweep.md and sweep.png (atomically)."""
-    from backward_lens.evaluation.sweep import choose, plot_editor_sweep, with_verdicts
-    from backward_lens.io import atomic_write_text
+    from backward_lens.evaluation.sweep import plot_editor_sweep
 
-    bounds = {
-        "max_entropy_drop": args.max_entropy_drop,
-        "max_perplexity_rise": args.max_perplexity_rise,
-    }
-    df = with_verdicts(df, **bounds)
-    atomic_write_text(out / "sweep.csv", df.to_csv(index=False))  # before a refusal to choose
-    best = choose(df, args.min_efficacy, **bounds)
-    table = _markdown(df, best, sweep)
-    atomic_write_text(out / "sweep.md", table)
-    plot_editor_sweep(df, best, out / "sweep.png", title)
-    if not args.quiet:
-        print(table)
-        print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
-    value = sweep.values[int(best.name) - 1]
-    print(
-        f"chosen for {model}: {sweep.method} {sweep.param}={sweep.label(value)} "
-        f"(efficacy {best.efficacy_acc:.1%}, paraphrase {best.paraphrase_acc:.1%}, "
-        f"neighbourhood score {best.neighborhood_score:.1%}, "
-        f"neighbourhood acc {best.neighborhood_acc:.1%}, n-gram entropy "
-        f"{best.fluency * 100:.1f}, perplexity {best.perplexity:.2f})"
+    write_sweep(
+        args,
+        out,
+        df,
+        markdown=lambda table, best: _markdown(table, best, sweep),
+        plot=lambda table, best, path: plot_editor_sweep(table, best, path, title),
+        choice=lambda best: (
+            f"{sweep.method} {sweep.param}={sweep.label(sweep.values[int(best.name) - 1])}"
+        ),
+        model=model,
     )
 
 
