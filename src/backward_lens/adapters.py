@@ -97,10 +97,16 @@ class Adapter:
     final_norm: tuple[str, ...] = ()
     """Modules applied, in order, between the last block and the unembedding (missing ones are
     skipped, e.g. OPT's ``project_out``)."""
+    ff2_post_norm: str | None = None
+    """A norm applied to FF2's output before it joins the residual stream (Gemma-2/3's and
+    OLMo-2's ``post_feedforward_layernorm``), as a path relative to one block; None: FF2's output
+    is added to the residual as it is (GPT-2, Llama...)."""
     notes: str = field(default="", compare=False)
 
 
-def _gated(attention: tuple[MatrixSpec, ...] | None = None) -> Adapter:
+def _gated(
+    attention: tuple[MatrixSpec, ...] | None = None, ff2_post_norm: str | None = None
+) -> Adapter:
     """Llama-style decoder: ``model.layers.{i}.mlp.{gate,up,down}_proj``, ``model.norm``."""
     return Adapter(
         layers="model.layers",
@@ -117,6 +123,7 @@ def _gated(attention: tuple[MatrixSpec, ...] | None = None) -> Adapter:
             MatrixSpec("o", "self_attn.o_proj"),
         ),
         final_norm=("model.norm",),
+        ff2_post_norm=ff2_post_norm,
     )
 
 
@@ -170,9 +177,9 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": _gated(),
     "qwen3": _gated(),
     "gemma": _gated(),
-    "gemma2": _gated(),
-    "gemma3_text": _gated(),
-    "olmo2": _gated(),
+    "gemma2": _gated(ff2_post_norm="post_feedforward_layernorm"),
+    "gemma3_text": _gated(ff2_post_norm="post_feedforward_layernorm"),
+    "olmo2": _gated(ff2_post_norm="post_feedforward_layernorm"),
     "phi3": Adapter(
         layers="model.layers",
         mlp=(
@@ -312,6 +319,22 @@ class Architecture:
             f"{self.config.model_type!r} has no matrix {name!r}; it has "
             f"{', '.join(self.matrix_names(attention=True))}"
         )
+
+    def ff2_post_norm(self, layer: int) -> nn.Module | None:
+        """The norm between block ``layer``'s FF2 output and the residual stream, if any.
+
+        Raises:
+            UnsupportedArchitectureError: the adapter names a post-FF2 norm the block lacks.
+        """
+        if self.adapter.ff2_post_norm is None:
+            return None
+        module = get_module(self.layers[layer], self.adapter.ff2_post_norm)
+        if module is None:
+            raise UnsupportedArchitectureError(
+                f"layer {layer} has no module {self.adapter.ff2_post_norm!r} (FF2's post-norm); "
+                f"the adapter for {self.config.model_type!r} does not match this model"
+            )
+        return module
 
     def final_norm_modules(self) -> list[nn.Module]:
         """The modules applied to the last hidden state before the LM head, in order."""

@@ -22,6 +22,7 @@ from torch import Tensor
 from backward_lens.editing.base import Edit, RewriteRequest, hparams_of
 from backward_lens.editing.defaults import editor_defaults
 from backward_lens.editing.matrix import ff2
+from backward_lens.editing.post_norm import ff2_output_change
 from backward_lens.editing.request_tokens import require_subjects
 from backward_lens.editing.rome import (
     ValueConfig,
@@ -38,6 +39,9 @@ from backward_lens.models import LensModel
 MOM2_UPDATE_WEIGHT = 20000.0
 """MEMIT's lambda for GPT-2 xl (spec §6.3): the default of models without a tuned one."""
 
+V_LR = 0.5
+"""MEMIT's learning rate of the z optimisation (GPT-2 xl, GPT-J): the default where none is set."""
+
 
 @dataclass
 class MEMIT:
@@ -47,7 +51,11 @@ class MEMIT:
         layers: blocks whose FF2 matrices are edited; z is taken at the last one.
         mom2_update_weight: lambda, the weight of the key covariance prior (default: per model,
             see ``defaults.py``; MEMIT's GPT-2 xl value, 20000, where none was tuned).
-        v_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor: z optimisation (as ROME).
+        v_lr: Adam's learning rate of the z optimisation (default: per model; MEMIT's 0.5 where
+            none was chosen). Adam moves each coordinate by about ``v_lr`` per step, so a model
+            whose residual stream is large (Gemma-3) needs a larger one to reach z in
+            ``v_steps`` steps.
+        v_steps, v_weight_decay, clamp_norm_factor, kl_factor: z optimisation (as ROME).
         context: (length, count) of sampled prefixes; MEMIT's code uses 5 of 10 tokens.
         stats_samples, stats_length, seed: as ROME.
     """
@@ -55,7 +63,7 @@ class MEMIT:
     layers: list[int] | None = None
     mom2_update_weight: float | None = None
     v_steps: int = 20
-    v_lr: float = 0.5
+    v_lr: float | None = None
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
@@ -78,6 +86,7 @@ class MEMIT:
         weight = self.mom2_update_weight
         if weight is None:
             weight = float(defaults.get("mom2_update_weight", MOM2_UPDATE_WEIGHT))
+        v_lr = self.v_lr if self.v_lr is not None else float(defaults.get("v_lr", V_LR))
         if not layers:
             raise InputError("MEMIT needs at least one layer")
         layers = sorted({lm.arch.layer_index(layer) for layer in layers})
@@ -89,7 +98,7 @@ class MEMIT:
         z_block = lm.arch.layers[layers[-1]]
         config = ValueConfig(
             steps=self.v_steps,
-            lr=self.v_lr,
+            lr=v_lr,
             weight_decay=self.v_weight_decay,
             clamp_norm_factor=self.clamp_norm_factor,
             kl_factor=self.kl_factor,
@@ -109,6 +118,10 @@ class MEMIT:
                 )  # [N, d_ff]
                 _, current = module_io_at(lm, z_block, plain)
                 resid = (z - current.double().cpu()) / (len(matrices) - i)  # [N, d]
+                post_norm = lm.arch.ff2_post_norm(matrix.resolved.layer)
+                if post_norm is not None:  # Gemma-2/3, OLMo-2: the residual gets norm(FF2 out)
+                    _, out = module_io_at(lm, matrix.module, plain)
+                    resid = ff2_output_change(post_norm, out, resid.to(out.device)).cpu()
                 c = stats[matrix.resolved.layer].cpu()
                 a = weight * c + keys.T @ keys
                 adj = torch.linalg.solve(a, keys.T)  # [d_ff, N]
@@ -130,7 +143,7 @@ class MEMIT:
             lm,
             deltas,
             self.name,
-            hparams_of(self, layers=layers, mom2_update_weight=weight),
+            hparams_of(self, layers=layers, mom2_update_weight=weight, v_lr=v_lr),
             requests,
             info,
         )
