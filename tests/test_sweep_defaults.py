@@ -63,11 +63,23 @@ def test_committed_sweeps_measured_fluency_everywhere(model: str) -> None:
     assert list(df.rejected) == list(with_verdicts(df.drop(columns="rejected"), **bounds).rejected)
 
 
-def test_memit_weight_default_is_what_the_committed_sweep_implies() -> None:
-    """SmolLM2's MEMIT lambda is the rule's choice over the committed lambda sweep."""
-    csv = RESULTS / "memit-lambda-smollm2" / "sweep.csv"
+@pytest.mark.parametrize(
+    ("model", "folder"),
+    [("smollm2-135m", "memit-lambda-smollm2"), ("gemma3-270m", "memit-lambda-gemma3")],
+)
+def test_memit_weight_default_is_what_the_committed_sweep_implies(model: str, folder: str) -> None:
+    """Each model's MEMIT lambda is the rule's choice over its committed lambda sweep.
+
+    The sweep ran with the model's other MEMIT defaults (``settings.json`` records any value it
+    fixed, e.g. Gemma-3's z learning rate, which must still be the default).
+    """
+    csv = RESULTS / folder / "sweep.csv"
     df = pd.read_csv(csv)
     assert df.value.isna().sum() == 1  # the unedited row
     best = choose(df, **_rule(csv))
-    memit = MODEL_DEFAULTS["smollm2-135m"]["memit"]
+    memit = MODEL_DEFAULTS[model]["memit"]
     assert memit["mom2_update_weight"] == float(best.value)
+    settings = csv.parent / "settings.json"
+    fixed = json.loads(settings.read_text()).get("fixed", {}) if settings.is_file() else {}
+    for key, value in fixed.items():
+        assert memit[key] == value, key
