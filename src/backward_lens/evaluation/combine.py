@@ -33,7 +33,7 @@ from typing import Any
 
 from backward_lens import checks
 from backward_lens.errors import DataError, InputError, OutputPathError
-from backward_lens.evaluation.plan import _position, results_folder, row_key
+from backward_lens.evaluation.plan import record_position, results_folder, row_key
 from backward_lens.evaluation.summary import read_results, summarize, summary_texts
 from backward_lens.io import atomic_write_many, dumps
 
@@ -164,7 +164,7 @@ def combine_runs(
     for label, lines in by_label.items():
         kept = [row for key, row in lines.items() if key in common]
         dropped[label] = len(lines) - len(kept)
-        out.extend(sorted(kept, key=_position))
+        out.extend(sorted(kept, key=record_position))
     report = CombineReport(
         sources=taken,
         records=len(common),

@@ -124,10 +124,10 @@ def read_run(out_dir: str | Path) -> list[dict[str, Any]]:
             for row in read_jsonl(path, valid=_keyed, hint=hint):
                 merged.setdefault(row_key(row), row)
         rows = list(merged.values())
-    return sorted(rows, key=_position)
+    return sorted(rows, key=record_position)
 
 
-def _position(row: dict[str, Any]) -> int:
+def record_position(row: dict[str, Any]) -> int:
     """A line's record position (0 for lines without one), the merge's sort key."""
     value = row.get("index", 0)
     return value if isinstance(value, int) else 0
