@@ -52,11 +52,14 @@ def _run(
     *,
     model: str = "tiny",
     shards: int = 1,
+    dtype: str | None = "float32",
     **settings: Any,
 ) -> Path:
-    """Write a run folder: ``run.json`` and the lines (over ``shards`` shard files)."""
+    """Write a run folder: ``run.json`` (no dtype when None) and the lines (over shard files)."""
     folder.mkdir(parents=True)
     meta: dict[str, Any] = {"model": model, "data": "/d/cf.json", "settings": SETTINGS | settings}
+    if dtype is not None:
+        meta["dtype"] = dtype
     if shards > 1:
         meta["shards"] = shards
     (folder / "run.json").write_text(json.dumps(meta))
@@ -152,6 +155,23 @@ def test_float_rounding_is_tolerated_but_not_more(tmp_path: Path) -> None:
         combine_runs([(a, None), (c, None)])
 
 
+def _magnitude(folder: Path, value: float) -> Path:
+    line = _line("unedited", 0, 0.0)
+    line["metrics"]["neighborhood_magnitude"] = value
+    return _run(folder, [line])
+
+
+def test_batching_noise_of_a_cut_last_group_is_tolerated(tmp_path: Path) -> None:
+    """Record 288 of SmolLM2's runs of 300 (a last group of 12) and of 1000 records (16)."""
+    at_300 = _magnitude(tmp_path / "a", 0.09850689556571637)
+    at_1000 = _magnitude(tmp_path / "b", 0.09850615196622972)  # 7.4e-7 apart: float32 rounding
+    assert combine_runs([(at_300, None), (at_1000, None)])[1].records == 1
+    # a probability difference near 0 has no relative scale: 2e-5 apart is another measurement
+    near_zero = _magnitude(tmp_path / "c", 1e-6)
+    with pytest.raises(DataError, match="'unedited' differs"):
+        combine_runs([(near_zero, None), (_magnitude(tmp_path / "d", 2.1e-5), None)])
+
+
 def test_runs_of_another_model_or_settings_are_refused(tmp_path: Path) -> None:
     a = _run(tmp_path / "a", _unedited(2))
     b = _run(tmp_path / "b", _unedited(2), model="other")
@@ -162,6 +182,12 @@ def test_runs_of_another_model_or_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"different settings.fluency_records \(2 and 50\)"):
         combine_runs([(a, None), (c, None)])
     assert combine_runs([(a, None), (d, None)])[1].records == 2
+    half = _run(tmp_path / "half", _unedited(2), dtype="bfloat16")
+    with pytest.raises(DataError, match=r"different dtype \('float32' and 'bfloat16'\)"):
+        combine_runs([(a, None), (half, None)])
+    # a run.json written before the dtype was recorded is not compared on it; the table has it
+    old = _run(tmp_path / "old", _unedited(2), dtype=None)
+    assert combine_runs([(old, None), (a, None)])[1].config["dtype"] == "float32"
     (tmp_path / "e").mkdir()
     with pytest.raises(DataError, match=r"has no run\.json"):
         combine_runs([(tmp_path / "e", None)])

@@ -120,6 +120,16 @@ class LensModel:
         return context_length(getattr(self.model, "config", None))
 
     @property
+    def dtype_name(self) -> str:
+        """The parameters' floating-point type as ``--dtype`` names it (``float32``...).
+
+        The first floating-point parameter's type (``float32`` for a model without one). Run
+        folders record it, so that a resumed run cannot mix precisions.
+        """
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        return str(dtype or torch.float32).removeprefix("torch.")
+
+    @property
     def device(self) -> torch.device:
         """Where input ids go: the input embedding's device (see ``batching.input_device``)."""
         return input_device(self.model)

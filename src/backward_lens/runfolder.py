@@ -8,7 +8,9 @@ The evaluation harness (``run.json`` + ``results.jsonl``), the study runner and 
   and compared with the stored one before a run adds to existing rows: a difference is one
   :class:`~backward_lens.errors.InputError` line naming the differing keys
   (:meth:`RunFolder.check_config`); a damaged config file is a
-  :class:`~backward_lens.errors.DataError`.
+  :class:`~backward_lens.errors.DataError`. Keys added to configs later (:data:`RECORDED_LATER`,
+  e.g. the model's ``dtype``) are compared only when the stored config has them, so folders
+  written before still resume (and their rewritten config then has them).
 - **The rows** are one JSON object a line, appended (``flush`` per line, ``fsync`` per batch or
   per line) by one process only. Reading keeps every finished line; only a torn last line (a
   crash mid-write) is tolerated, and cut off only by the process that owns the file
@@ -35,7 +37,11 @@ from backward_lens.distributed.shards import Shard, layout_problem, shard_files
 from backward_lens.errors import DataError, InputError
 from backward_lens.io import atomic_write_text, read_jsonl
 
-__all__ = ["RowWriter", "RunFolder", "differing_keys"]
+__all__ = ["RECORDED_LATER", "RowWriter", "RunFolder", "differing_keys"]
+
+RECORDED_LATER = frozenset({"dtype"})
+"""Config keys that run folders did not always record: a stored config without one is not
+compared on it (:meth:`RunFolder.check_config`)."""
 
 
 def _row_key(row: Mapping[str, Any]) -> Hashable:
@@ -156,6 +162,9 @@ class RunFolder:
     ) -> None:
         """Refuse to add rows measured with another config than the stored one.
 
+        A key of :data:`RECORDED_LATER` that ``stored`` lacks (a folder written before it was
+        recorded) is not compared.
+
         Args:
             current: this run's config (or the part of it the rows depend on).
             stored: the same part of the stored config (None: nothing to compare).
@@ -168,7 +177,8 @@ class RunFolder:
         """
         if stored is None:
             return
-        diff = differing_keys(current, stored, ignore)
+        unrecorded = {key for key in RECORDED_LATER if key not in stored}
+        diff = differing_keys(current, stored, {*ignore, *unrecorded})
         if diff:
             was, now = _short(stored.get(diff[0])), _short(current.get(diff[0]))
             raise InputError(

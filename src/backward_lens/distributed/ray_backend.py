@@ -498,6 +498,7 @@ def evaluate_ray(
             records,
             specs,
             out_dir,
+            dtype=pool.facts["dtype"],
             settings=settings,
             data=data,
             resume=resume,

@@ -5,12 +5,14 @@ different numbers of records. :func:`combine_runs` reads several run folders (sh
 merged, as :func:`~backward_lens.evaluation.summary.read_results` does) and returns the rows of a
 table in which every method label is measured on exactly the same records:
 
-1. Every run's ``run.json`` must name the same model, data file and measuring settings (the
-   shard count may differ); otherwise the runs measured different things and are refused.
+1. Every run's ``run.json`` must name the same model, dtype, data file and measuring settings
+   (the shard count may differ; a ``run.json`` written before the dtype was recorded is not
+   compared on it); otherwise the runs measured different things and are refused.
 2. With ``records=N`` only the lines of the first N records (``index < N``) are kept.
 3. A label taken from several runs must be the same measurement: the same resolved
    hyper-parameters (``hparams`` of its lines), and on the record keys both runs have, the same
-   status and metrics (floats to 1e-6 relative: batching changes float rounding only). The
+   status and metrics (floats to :data:`REL_TOL` / :data:`ABS_TOL`: batching changes float
+   rounding only, e.g. in the last group of a run cut at ``--records N``). The
    unedited baseline, present in every run, is checked this way and kept once. Records only one
    of the runs has are merged in (a long run split over folders).
 4. Every label is restricted to the record keys *every* label has (a line counts as present
@@ -36,15 +38,28 @@ from backward_lens.errors import DataError, InputError, OutputPathError
 from backward_lens.evaluation.plan import record_position, results_folder, row_key
 from backward_lens.evaluation.summary import read_results, summarize, summary_texts
 from backward_lens.io import atomic_write_many, dumps
+from backward_lens.runfolder import RECORDED_LATER
 
 COMBINED = "combined.json"
 """The file :func:`write_combined` writes beside the summary: sources, record count, drops."""
 
-COMPARED = ("model", "data", "settings")
+COMPARED = ("model", "dtype", "data", "settings")
 """The ``run.json`` keys that must be equal in every combined run."""
 
-REL_TOL = 1e-6
+REL_TOL = 1e-5
 """Relative tolerance when a label's metrics from two runs are compared."""
+
+ABS_TOL = 1e-5
+"""Absolute tolerance for the same comparison (probabilities and their differences).
+
+A run's group ``g`` is records ``[g*G, (g+1)*G)`` cut at its ``--records N``, so a run of 300
+records scores records 288–299 in a batch of 12 and a run of 1000 in a batch of 16; another
+batch shape changes the float32 reduction order of every layer. On SmolLM2-135M (30 layers) the
+unedited lines of those 12 records differed by up to 7.4e-7 in a magnitude (a difference of two
+probabilities), by 0 in every accuracy and score. 1e-5 leaves margin for deeper models while
+a different measurement (other settings, hyper-parameters or weights) moves these metrics by
+far more; half-precision runs have larger batching noise and are best combined from one run.
+"""
 
 Source = tuple[str | Path, Sequence[str] | None]
 """A run folder and the labels to take from it (None: every label)."""
@@ -60,7 +75,7 @@ class CombineReport:
         records_limit: the ``records`` argument (only positions below it were read), or None.
         dropped: per label, its lines dropped because another label lacked their record.
         checked: per label taken from several runs, those runs (their common lines agreed).
-        config: the ``run.json`` keys the runs share (model, data file, settings).
+        config: the ``run.json`` keys the runs share (model, dtype, data file, settings).
     """
 
     sources: list[tuple[str, list[str]]]
@@ -140,6 +155,7 @@ def combine_runs(
             config, first = meta, str(path)
         else:
             _same_run(config, first, meta, str(path))
+            config |= {k: meta[k] for k in RECORDED_LATER if config[k] is None}
         rows = _limited(read_results(path), records, path)
         labels = _labels(rows, wanted, path)
         taken.append((str(path), labels))
@@ -240,7 +256,10 @@ def _config(path: Path) -> dict[str, Any]:
 
 
 def _same_run(a: Mapping[str, Any], a_path: str, b: Mapping[str, Any], b_path: str) -> None:
-    """Refuse two runs of another model, data file or measuring settings.
+    """Refuse two runs of another model, dtype, data file or measuring settings.
+
+    A key of :data:`~backward_lens.runfolder.RECORDED_LATER` that one run does not record is not
+    compared.
 
     Raises:
         DataError: one line naming the first difference.
@@ -248,13 +267,15 @@ def _same_run(a: Mapping[str, Any], a_path: str, b: Mapping[str, Any], b_path: s
     for key in COMPARED:
         if a.get(key) == b.get(key):
             continue
+        if key in RECORDED_LATER and (a.get(key) is None or b.get(key) is None):
+            continue
         what, was, now = key, a.get(key), b.get(key)
         if isinstance(was, dict) and isinstance(now, dict):
             sub = next(k for k in [*was, *now] if was.get(k) != now.get(k))
             what, was, now = f"settings.{sub}", was.get(sub), now.get(sub)
         raise DataError(
             f"{a_path} and {b_path} are runs of different {what} ({was!r} and {now!r}); "
-            "combine only runs of one model, data file and settings"
+            "combine only runs of one model, dtype, data file and settings"
         )
 
 
@@ -343,12 +364,12 @@ def _hparams_diff(a: set[str], b: set[str]) -> str:
 
 
 def _equal(a: Any, b: Any) -> bool:
-    """Metric values equal (floats to :data:`REL_TOL`, NaN equal to NaN)."""
+    """Metric values equal (floats to :data:`REL_TOL` or :data:`ABS_TOL`, NaN equal to NaN)."""
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if _number(a) and _number(b):
         both_nan = math.isnan(a) and math.isnan(b)
-        return both_nan or math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-12)
+        return both_nan or math.isclose(a, b, rel_tol=REL_TOL, abs_tol=ABS_TOL)
     return bool(a == b)
 
 

@@ -16,10 +16,12 @@ seeded per record and row, so results do not depend on grouping or on where a ru
 Groups depend only on positions: group ``g`` is records ``[g*G, (g+1)*G)`` of the file
 (``G = group_size``), always computed whole (a resumed group recomputes its done lines and writes
 only the missing ones), so a resumed, sharded or Ray run gives the same lines, bit for bit, as
-one uninterrupted process (timing columns aside). A run can be split into shards
-(``shard=Shard(K, N)``, ``--shard K/N``): shard K takes the groups ``g mod N == K`` and appends to
-``results.shard-K-of-N.jsonl`` in the same folder; ``run.json`` records N, and :func:`read_run`
-(hence the summary) merges every shard's file.
+one uninterrupted process of the same records (timing columns aside). The last group is cut at
+the number of records, so runs over different numbers differ there by float rounding (batching
+changes the reduction order), which :mod:`~backward_lens.evaluation.combine` allows for. A run
+can be split into shards (``shard=Shard(K, N)``, ``--shard K/N``): shard K takes the groups
+``g mod N == K`` and appends to ``results.shard-K-of-N.jsonl`` in the same folder; ``run.json``
+records N, and :func:`read_run` (hence the summary) merges every shard's file.
 
 The harness in parts: :mod:`~backward_lens.evaluation.methods` (``NAME:key=value`` specs and
 their editors), :mod:`~backward_lens.evaluation.records` (record keys and preparation),
@@ -131,6 +133,7 @@ def evaluate(
         records,
         specs,
         out_dir,
+        dtype=lm.dtype_name,
         settings=settings,
         data=data,
         resume=resume,

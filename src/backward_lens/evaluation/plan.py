@@ -1,11 +1,12 @@
 """An evaluation run's folder and plan: what is done, what is left, and who writes it.
 
-``run.json`` (model, data, measuring settings, shard count) and ``results.jsonl`` (one line per
-(method label, record key); a shard's: ``results.shard-K-of-N.jsonl``) are a
-:class:`~backward_lens.runfolder.RunFolder`. :func:`plan_run` checks the folder against this run
-and lists the groups still to compute (:meth:`RunPlan.groups`: group ``g`` is records
-``[g*G, (g+1)*G)``, always whole); :class:`ResultWriter` appends the lines (only the driver
-process writes); :func:`read_run` merges every shard's lines for the summary.
+``run.json`` (model, its parameter dtype, data, measuring settings, shard count) and
+``results.jsonl`` (one line per (method label, record key); a shard's:
+``results.shard-K-of-N.jsonl``) are a :class:`~backward_lens.runfolder.RunFolder`.
+:func:`plan_run` checks the folder against this run and lists the groups still to compute
+(:meth:`RunPlan.groups`: group ``g`` is records ``[g*G, (g+1)*G)``, always whole);
+:class:`ResultWriter` appends the lines (only the driver process writes); :func:`read_run` merges
+every shard's lines for the summary.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def record_position(row: dict[str, Any]) -> int:
 def _check_run(
     out_dir: Path,
     model_name: str,
+    dtype: str,
     data: str | None,
     settings: EvalSettings,
     resume: bool,
@@ -148,11 +150,19 @@ def _check_run(
     ``--overwrite`` when it holds lines); when other shards' files hold lines, ``run.json`` must
     match even without ``--resume``, so shards of one job cannot differ in what they measure.
 
+    A ``run.json`` written before the dtype was recorded is not compared on it (see
+    :data:`~backward_lens.runfolder.RECORDED_LATER`); the one written then records it.
+
     Returns:
         This process's results file.
     """
     folder = results_folder(out_dir, shard)
-    meta: dict[str, Any] = {"model": model_name, "data": data, "settings": settings.measuring()}
+    meta: dict[str, Any] = {
+        "model": model_name,
+        "dtype": dtype,
+        "data": data,
+        "settings": settings.measuring(),
+    }
     if shard.sharded:
         meta["shards"] = shard.count
     folder.check_layout()
@@ -233,6 +243,7 @@ def plan_run(
     methods: Sequence[MethodSpec | str],
     out_dir: str | Path,
     *,
+    dtype: str,
     settings: EvalSettings | None = None,
     data: str | None = None,
     resume: bool = False,
@@ -241,8 +252,23 @@ def plan_run(
 ) -> RunPlan:
     """Check the methods and the run folder, write ``run.json``, and list what is left to do.
 
-    Needs only the model's name and depth, so a driver that does not hold the model (the Ray
-    backend) plans the same way as :func:`evaluate`.
+    Needs only the model's name, parameter dtype and depth, so a driver that does not hold the
+    model (the Ray backend) plans the same way as :func:`evaluate`.
+
+    Args:
+        model_name: the model's name, recorded in ``run.json``.
+        n_layers: the model's depth (the methods' layers are checked against it).
+        records: the records, in file order.
+        methods: the method specs.
+        out_dir: the run folder.
+        dtype: the model's parameter dtype (``float32``, ``bfloat16``...:
+            :attr:`~backward_lens.models.LensModel.dtype_name`), recorded in ``run.json``; a
+            resumed run must match it.
+        settings: what is measured and how.
+        data: the data file's name, recorded in ``run.json``.
+        resume: continue the run in ``out_dir``.
+        overwrite: discard this process's earlier results in ``out_dir``.
+        shard: the part of the job this process runs (None: all of it).
 
     Raises:
         InputError: a method listed twice or with bad values, an occupied or mismatching folder.
@@ -267,7 +293,7 @@ def plan_run(
         )
     out.mkdir(parents=True, exist_ok=True)
     shard = shard or Shard()
-    results_path = _check_run(out, model_name, data, settings, resume, overwrite, shard)
+    results_path = _check_run(out, model_name, dtype, data, settings, resume, overwrite, shard)
     done = _read_done(results_path) if resume else {}
     todo = [
         i

@@ -2,7 +2,8 @@
 
 Output folder (everything but ``raw.jsonl`` is written atomically):
 
-- ``config.json``  what was run (experiment, data, n, seed, model, options) and model facts;
+- ``config.json``  what was run (experiment, data, n, seed, model, options) and model facts
+  (:func:`model_facts`, with the parameter dtype: a resumed run must load the same);
 - ``raw.jsonl``    one line per sampled record, appended and flushed as soon as it is done:
   ``{"key", "case_id", "status": "ok", "seconds", "values"}`` or ``{"status": "skipped",
   "reason", "error"}``; a resumed run skips every key already there, and a torn last line (a
@@ -181,10 +182,14 @@ def _prepare(lm_tokenizer: Any, index: int, record: FactRecord, context: int | N
 
 
 def model_facts(lm: LensModel) -> dict[str, Any]:
-    """What ``config.json`` records about the model (name, type, depth, vocabulary, width)."""
+    """What ``config.json`` records about the model (name, dtype, type, depth, vocabulary, width).
+
+    The Ray backend's workers report the same facts to the driver.
+    """
     cfg = lm.model.config
     return {
         "model": lm.name,
+        "dtype": lm.dtype_name,
         "model_type": getattr(cfg, "model_type", "?"),
         "n_layers": lm.n_layers,
         "vocab_size": lm.vocab_size,
@@ -264,11 +269,13 @@ def run_study(
     folder.check_layout()
     others = folder.others_hold_rows()
     previous = None if fresh and not others else folder.read_config()
-    if previous is not None and (others or (folder.holds_rows() and not fresh)):
-        advice = "choose another --out, or pass --fresh to overwrite it"
-        if others:
-            advice += " (and remove the other shards' raw files)"
-        folder.check_config(config, previous.get("run", {}), advice=advice)
+    # the stored config rows are added to (None: no row is added to another run's)
+    stored = previous if others or (folder.holds_rows() and not fresh) else None
+    advice = "choose another --out, or pass --fresh to overwrite it"
+    if others:
+        advice += " (and remove the other shards' raw files)"
+    if stored is not None:
+        folder.check_config(config, stored.get("run", {}), advice=advice)
     rows = [] if fresh else folder.read_rows()
     done = {r["key"] for r in rows}
     keys = [str(r.case_id) for r in records]
@@ -288,6 +295,8 @@ def run_study(
             lm = model if isinstance(model, LensModel) else load_model(model)
             facts = model_facts(lm)
         check_options(options, facts["n_layers"])  # before anything is written or computed
+        if stored is not None:  # the loaded model's dtype (stored facts without one: not compared)
+            folder.check_config({"dtype": facts["dtype"]}, stored.get("facts") or {}, advice=advice)
         if fresh:
             folder.discard_rows()
         folder.write_config({"run": config, "facts": facts})

@@ -2,8 +2,9 @@
 
 Output folder:
 
-- ``config.json``   what was run (data, records, seed, model, samples, window, noise) and the
-  noise's absolute standard deviation, measured once (a resumed run reuses it);
+- ``config.json``   what was run (data, records, seed, model, samples, window, noise), the
+  noise's absolute standard deviation, measured once (a resumed run reuses it), and the model's
+  facts (name, parameter dtype, depth, vocabulary; a resumed run must load the same dtype);
 - ``raw.jsonl``     one line per record looked at, appended and flushed when done (the study's
   ``raw.jsonl`` rules: a resumed run skips every key already there, a torn last line is dropped):
   ``{"key", "case_id", "status": "ok", "seconds", "values": RecordTrace}`` or ``{"status":
@@ -180,13 +181,10 @@ def run_trace(
     folder = run_folder(out)
     previous = None if fresh else folder.read_config()
     rows = [] if fresh else _read_rows(folder)
-    if previous is not None and rows:  # more records may be asked for: "records" may differ
-        folder.check_config(
-            run,
-            previous.get("run", {}),
-            ignore=("records",),
-            advice="choose another --out, or pass --fresh to overwrite it",
-        )
+    stored = previous if rows else None  # the config rows are added to, if any
+    advice = "choose another --out, or pass --fresh to overwrite it"
+    if stored is not None:  # more records may be asked for: "records" may differ
+        folder.check_config(run, stored.get("run", {}), ignore=("records",), advice=advice)
     keys = [str(records[i].case_id) for i in order]
     if len(set(keys)) != len(keys):
         keys = [f"{i}:{records[i].case_id}" for i in order]
@@ -195,13 +193,20 @@ def run_trace(
     noise_std = (previous or {}).get("noise_std") if rows else None
     if n_ok < n and any(k not in done for k in keys):
         lm = model if isinstance(model, LensModel) else load_model(model)
+        facts = {
+            "model": lm.name,
+            "dtype": lm.dtype_name,
+            "n_layers": lm.n_layers,
+            "vocab_size": lm.vocab_size,
+        }
+        if stored is not None:  # the loaded model's dtype (stored facts without one: not compared)
+            folder.check_config({"dtype": facts["dtype"]}, stored.get("facts") or {}, advice=advice)
         out.mkdir(parents=True, exist_ok=True)
         if fresh:
             folder.discard_rows()
             (out / (RAW + ".gz")).unlink(missing_ok=True)
         if noise_std is None:
             noise_std = embedding_std(lm, [(r.prompt, r.subject) for r in records])
-        facts = {"model": lm.name, "n_layers": lm.n_layers, "vocab_size": lm.vocab_size}
         folder.write_config({"run": run, "noise_std": noise_std, "facts": facts})
         with folder.writer() as writer:
             _trace_pending(lm, records, order, keys, done, n - n_ok, writer, config, noise_std,
