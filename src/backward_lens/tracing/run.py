@@ -4,7 +4,8 @@ Output folder:
 
 - ``config.json``   what was run (data, records, seed, model, samples, window, noise), the
   noise's absolute standard deviation, measured once (a resumed run reuses it), and the model's
-  facts (name, parameter dtype, depth, vocabulary; a resumed run must load the same dtype);
+  facts (the study's ``model_facts``: name, parameter dtype, depth, vocabulary...; a resumed run
+  must load the same dtype);
 - ``raw.jsonl``     one line per record looked at, appended and flushed when done (the study's
   ``raw.jsonl`` rules: a resumed run skips every key already there, a torn last line is dropped):
   ``{"key", "case_id", "status": "ok", "seconds", "values": RecordTrace}`` or ``{"status":
@@ -40,7 +41,7 @@ from backward_lens.io import atomic_write_bytes, atomic_write_text
 from backward_lens.models import DEFAULT_MODEL, LensModel, load_model
 from backward_lens.runfolder import RowWriter, RunFolder
 from backward_lens.study.base import clean_json
-from backward_lens.study.runner import skip_reason
+from backward_lens.study.runner import model_facts, skip_reason
 from backward_lens.study.segments import SEGMENTS, segment_prompt
 from backward_lens.tracing.core import KINDS, TraceConfig, embedding_std, trace_prompt
 
@@ -193,12 +194,7 @@ def run_trace(
     noise_std = (previous or {}).get("noise_std") if rows else None
     if n_ok < n and any(k not in done for k in keys):
         lm = model if isinstance(model, LensModel) else load_model(model)
-        facts = {
-            "model": lm.name,
-            "dtype": lm.dtype_name,
-            "n_layers": lm.n_layers,
-            "vocab_size": lm.vocab_size,
-        }
+        facts = model_facts(lm)
         if stored is not None:  # the loaded model's dtype (stored facts without one: not compared)
             folder.check_config({"dtype": facts["dtype"]}, stored.get("facts") or {}, advice=advice)
         out.mkdir(parents=True, exist_ok=True)
