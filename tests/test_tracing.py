@@ -20,6 +20,7 @@ from backward_lens.tracing import (
     Tracer,
     chosen_layers,
     embedding_std,
+    layer_support,
     restorations_for,
     run_trace,
     trace_prompt,
@@ -210,6 +211,11 @@ def test_run_folder_resumes_and_summarises(tmp_path: Path) -> None:
     curve = summary["averages"]["mlp"]["last_subject"]
     assert summary["peak"]["mlp"] == max(range(len(curve)), key=curve.__getitem__)
     assert summary["chosen"] == chosen_layers(curve)
+    support = summary["support"]
+    assert support["resamples"] == 1000
+    assert sum(support["rome"].values()) == pytest.approx(1.0)
+    assert sum(support["memit"].values()) == pytest.approx(1.0)
+    assert "bootstrap resamples" in (out / "summary.md").read_text()
     assert (out / "averages.png").stat().st_size > 1000
     assert len(list((out / "records").glob("*.png"))) == 3
     # a compressed raw file (as committed under docs/results) is read back without loading the
@@ -236,6 +242,23 @@ def test_chosen_layers_by_hand() -> None:
     # peak 5; windows of 5: [1-5] 2.0, [2-6] 2.3, [3-7] 2.5, [4-8] 2.6, [5-9] 2.1
     assert chosen_layers(curve) == {"rome": 5, "memit": [4, 5, 6, 7, 8]}
     assert chosen_layers([0.3, 0.1, 0.3], width=5) == {"rome": 0, "memit": [0, 1, 2]}
+
+
+def test_layer_support_by_hand() -> None:
+    # every record peaks at layer 2: every resample picks it
+    same = layer_support([[0.0, 0.1, 0.5, 0.2], [0.1, 0.0, 0.3, 0.2]], resamples=50, width=2)
+    assert same == {"resamples": 50, "rome": {"2": 1.0}, "memit": {"2-3": 1.0}}
+    # two records A = [1, 0, 0], B = [0, 0, 3]: a resample of two is AA (peak 0, window 0-1)
+    # with probability 1/4, else BB or AB ([0.5, 0, 1.5]: peak 2, window 1-2)
+    two = layer_support([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]], resamples=4000, seed=7, width=2)
+    assert list(two["rome"]) == ["2", "0"] and list(two["memit"]) == ["1-2", "0-1"]
+    assert two["rome"]["0"] == pytest.approx(0.25, abs=0.03)  # binomial sd 0.007
+    assert two["rome"]["2"] == pytest.approx(1 - two["rome"]["0"])
+    assert two["memit"] == {"1-2": two["rome"]["2"], "0-1": two["rome"]["0"]}
+    assert layer_support([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]], resamples=4000, seed=7, width=2) == two
+    for bad in ([], [[0.1, 0.2], [0.3]]):
+        with pytest.raises(InputError, match="at least one record"):
+            layer_support(bad)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,13 @@ from backward_lens.tracing.core import (
     restorations_for,
     trace_prompt,
 )
-from backward_lens.tracing.run import TraceResult, chosen_layers, load_trace, run_trace
+from backward_lens.tracing.run import (
+    TraceResult,
+    chosen_layers,
+    layer_support,
+    load_trace,
+    run_trace,
+)
 
 __all__ = [
     "KINDS",
@@ -27,6 +33,7 @@ __all__ = [
     "Tracer",
     "chosen_layers",
     "embedding_std",
+    "layer_support",
     "load_trace",
     "restorations_for",
     "run_trace",
