@@ -28,6 +28,10 @@ def test_serve_refuses_a_bad_port(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--port must be from 0 to 65535" in capsys.readouterr().err
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_serve_prints_the_address_and_stops_on_interrupt() -> None:
     proc = subprocess.Popen(
@@ -35,6 +39,9 @@ def test_serve_prints_the_address_and_stops_on_interrupt() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C in a terminal: a test suite started in the background of a non-interactive shell
+        # (nohup ... &) inherits SIGINT ignored, and so would the server
+        preexec_fn=_interruptible,
     )
     try:
         assert proc.stdout is not None
