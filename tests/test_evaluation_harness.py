@@ -198,6 +198,71 @@ def test_resume_after_interruption_is_identical(tiny, tmp_path: Path) -> None:  
         )
 
 
+class _RandomFF2EditNewDefault(_RandomFF2Edit):
+    """The same editor after its default scale changed (as a new release's defaults might)."""
+
+    def __init__(self, scale: float = 0.3) -> None:
+        super().__init__(scale)
+
+
+def test_resume_refuses_lines_edited_with_other_hparams(tiny, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A default that changed between a run and its resume is refused, not mixed into one row."""
+    from backward_lens.distributed.shards import Shard
+
+    records = load_records(easyedit_file(tmp_path / "cf.json"))
+    part = tmp_path / "part"
+    evaluate(tiny, records[:2], ["test-random"], part, settings=SETTINGS, progress=False)
+    before = (part / "results.jsonl").read_text()
+    assert {r["hparams"]["scale"] for r in read_results(part)} == {0.5}
+    monkeypatch.setitem(EDITORS, "test-random", _RandomFF2EditNewDefault)
+    with pytest.raises(
+        InputError, match=r"scale 0\.5 and 0\.3: a default changed.*test-random:scale=0\.3"
+    ):
+        evaluate(
+            tiny, records, ["test-random"], part, settings=SETTINGS, resume=True, progress=False
+        )
+    assert (part / "results.jsonl").read_text() == before  # nothing written, nothing lost
+    # the new values under their own label are a method of their own
+    evaluate(
+        tiny,
+        records,
+        ["test-random:scale=0.3"],
+        part,
+        settings=SETTINGS,
+        resume=True,
+        progress=False,
+    )
+    assert {r["label"]: r["hparams"]["scale"] for r in read_results(part)} == {
+        "test-random": 0.5,
+        "test-random:scale=0.3": 0.3,
+    }
+    # one shard of a job is checked against the lines of the others too
+    sharded = tmp_path / "sharded"
+    monkeypatch.setitem(EDITORS, "test-random", _RandomFF2Edit)
+    evaluate(
+        tiny,
+        records,
+        ["test-random"],
+        sharded,
+        settings=SETTINGS,
+        progress=False,
+        shard=Shard(1, 2),
+    )
+    monkeypatch.setitem(EDITORS, "test-random", _RandomFF2EditNewDefault)
+    with pytest.raises(InputError, match="a default changed"):
+        evaluate(
+            tiny,
+            records,
+            ["test-random"],
+            sharded,
+            settings=SETTINGS,
+            progress=False,
+            shard=Shard(0, 2),
+        )
+    rows = read_results(sharded)  # shard 1's group (records 2 and 3) only, as it wrote them
+    assert [(r["case_id"], r["hparams"]["scale"]) for r in rows] == [(2, 0.5), (3, 0.5)]
+
+
 def test_batched_and_one_at_a_time_agree(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     records = load_records(easyedit_file(tmp_path / "cf.json"))
     # shift's batched path also computes all the group's edits in one pass (``each``)

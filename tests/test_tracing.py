@@ -274,6 +274,24 @@ def test_defaults_are_what_the_committed_traces_imply(model: str, folder: str) -
     assert MODEL_DEFAULTS[model]["memit"]["layers"] == chosen["memit"]
 
 
+def test_gemma3_defaults_hold_with_rome_ten_noise_samples() -> None:
+    """Gemma-3's MLP trace with ROME's 10 samples keeps ROME's layer; MEMIT's window is a tie.
+
+    The 10-sample run (same 16 facts) peaks at layer 5 again; its best 5-layer window is 3-7,
+    and the default 4-8 (the one-sample run's choice) has a mean effect within 2 % of it.
+    """
+    summary = json.loads((RESULTS / "tracing-gemma3-samples10" / "summary.json").read_text())
+    assert summary["run"]["samples"] == 10
+    curve = summary["averages"]["mlp"]["last_subject"]
+    chosen = chosen_layers(curve)
+    assert summary["chosen"] == chosen
+    assert MODEL_DEFAULTS["gemma3-270m"]["rome"] == {"layer": chosen["rome"]}
+    default = MODEL_DEFAULTS["gemma3-270m"]["memit"]["layers"]
+    assert chosen["memit"] != default
+    best = sum(curve[i] for i in chosen["memit"]) / 5
+    assert sum(curve[i] for i in default) / 5 == pytest.approx(best, rel=0.02)
+
+
 @pytest.mark.slow
 def test_smollm2_known_fact_is_traced(smollm2: Any) -> None:
     prompt, subject, target = "The Eiffel Tower is located in the city of", "Eiffel Tower", " Paris"

@@ -26,16 +26,21 @@ because another label lacked their record. :func:`write_combined` writes ``summa
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from backward_lens import checks
 from backward_lens.errors import DataError, InputError, OutputPathError
-from backward_lens.evaluation.plan import record_position, results_folder, row_key
+from backward_lens.evaluation.plan import (
+    distinct_hparams,
+    hparams_diff,
+    record_position,
+    results_folder,
+    row_key,
+)
 from backward_lens.evaluation.summary import read_results, summarize, summary_texts
 from backward_lens.io import atomic_write_many, dumps
 from backward_lens.runfolder import RECORDED_LATER
@@ -329,11 +334,11 @@ def _same_lines(
     Raises:
         DataError: one line naming the label, the two folders (and the first differing record).
     """
-    hp_a, hp_b = _hparams(a.values()), _hparams(b.values())
+    hp_a, hp_b = distinct_hparams(a.values()), distinct_hparams(b.values())
     if hp_a and hp_b and hp_a != hp_b:
         raise DataError(
             f"{label!r} was run with other hyper-parameters in {a_path} and {b_path} "
-            f"({_hparams_diff(hp_a, hp_b)}); select that label from one of the runs only"
+            f"({hparams_diff(hp_a, hp_b)}); select that label from one of the runs only"
         )
     for key in (k for k in a if k in b):  # in record order: the first differing record
         x, y = a[key], b[key]
@@ -342,25 +347,6 @@ def _same_lines(
                 f"{label!r} differs between {a_path} and {b_path} (record {key}): they are "
                 "different measurements; select that label from one of the runs only"
             )
-
-
-def _hparams(lines: Iterable[Mapping[str, Any]]) -> set[str]:
-    """The distinct resolved hyper-parameters of a label's lines, as canonical JSON."""
-    return {
-        json.dumps(row["hparams"], sort_keys=True)
-        for row in lines
-        if row.get("hparams") is not None
-    }
-
-
-def _hparams_diff(a: set[str], b: set[str]) -> str:
-    """The differing hyper-parameters, ``layer 22 and 21`` (or both sets when several)."""
-    if len(a) == 1 and len(b) == 1:
-        x, y = json.loads(next(iter(a))), json.loads(next(iter(b)))
-        if isinstance(x, dict) and isinstance(y, dict):
-            keys = [k for k in dict.fromkeys([*x, *y]) if x.get(k) != y.get(k)]
-            return ", ".join(f"{k} {x.get(k)!r} and {y.get(k)!r}" for k in keys)
-    return f"{sorted(a)} and {sorted(b)}"
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -11,8 +11,9 @@ every shard's lines for the summary.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from backward_lens.errors import DataError, InputError
 from backward_lens.evaluation.methods import MethodSpec, as_specs
 from backward_lens.evaluation.records import record_keys
 from backward_lens.evaluation.settings import EvalSettings
-from backward_lens.io import read_jsonl
+from backward_lens.io import dumps, read_jsonl
 from backward_lens.runfolder import RunFolder
 from backward_lens.schema import result_line
 
@@ -128,6 +129,33 @@ def read_run(out_dir: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=record_position)
 
 
+def canonical_hparams(hparams: Any) -> str:
+    """A line's resolved hyper-parameters as canonical JSON text (sorted keys, tuples as lists).
+
+    The same text for a line just computed and for that line read back from its file, so two
+    lines' settings compare as strings.
+    """
+    return json.dumps(json.loads(dumps(hparams, finite=False)), sort_keys=True)
+
+
+def distinct_hparams(lines: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The distinct resolved hyper-parameters of lines (:func:`canonical_hparams`).
+
+    Lines without them (the baseline, a record skipped before editing) are passed over.
+    """
+    return {canonical_hparams(row["hparams"]) for row in lines if row.get("hparams") is not None}
+
+
+def hparams_diff(a: set[str], b: set[str]) -> str:
+    """The differing hyper-parameters, ``layer 22 and 21`` (or both sets when several)."""
+    if len(a) == 1 and len(b) == 1:
+        x, y = json.loads(next(iter(a))), json.loads(next(iter(b)))
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys = [k for k in dict.fromkeys([*x, *y]) if x.get(k) != y.get(k)]
+            return ", ".join(f"{k} {x.get(k)!r} and {y.get(k)!r}" for k in keys)
+    return f"{sorted(a)} and {sorted(b)}"
+
+
 def record_position(row: dict[str, Any]) -> int:
     """A line's record position (0 for lines without one), the merge's sort key."""
     value = row.get("index", 0)
@@ -200,6 +228,8 @@ class RunPlan:
             (a group is always computed whole, see :meth:`groups`).
         shard: the shard this process runs.
         reused: lines of this run's methods already written (kept, not recomputed).
+        recorded: method label -> the hyper-parameters the folder's lines (every shard's) were
+            edited with (:func:`distinct_hparams`); a new line of that label must match them.
     """
 
     specs: list[MethodSpec]
@@ -212,6 +242,7 @@ class RunPlan:
     todo: list[int]
     shard: Shard
     reused: int = 0
+    recorded: dict[str, set[str]] = field(default_factory=dict)
 
     def groups(self, records: Sequence[FactRecord]) -> list[list[tuple[int, str, FactRecord]]]:
         """The groups still to compute, as (position, key, record) triples.
@@ -302,7 +333,13 @@ def plan_run(
         for i in group
     ]
     reused = sum(1 for k in done if k[0] in labels)
-    return RunPlan(specs, settings, out, results_path, keys, duplicates, done, todo, shard, reused)
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for row in results_folder(out).read_all_rows():
+        lines.setdefault(str(row["label"]), []).append(row)
+    recorded = {label: distinct_hparams(rows) for label, rows in lines.items()}
+    return RunPlan(
+        specs, settings, out, results_path, keys, duplicates, done, todo, shard, reused, recorded
+    )
 
 
 class ResultWriter:
@@ -325,7 +362,15 @@ class ResultWriter:
         self._rows = results_folder(plan.out, plan.shard).writer()
 
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Append ``rows`` (each is also added to ``plan.done``)."""
+        """Append ``rows`` (each is also added to ``plan.done``).
+
+        Raises:
+            InputError: a line edited with other hyper-parameters than the folder's lines of
+                the same method label (say, a default changed between a run and its resume);
+                nothing of ``rows`` is written, so one label never mixes two settings.
+        """
+        for row in rows:
+            self._check_hparams(row)
         for row in rows:
             self._rows.write(row)
             self.stats["written"] += 1
@@ -334,6 +379,25 @@ class ResultWriter:
             self.plan.done[row_key(row)] = row
             if self.on_result is not None:
                 self.on_result(row)
+
+    def _check_hparams(self, row: Mapping[str, Any]) -> None:
+        if row.get("hparams") is None:
+            return
+        label, new = str(row["label"]), canonical_hparams(row["hparams"])
+        old = self.plan.recorded.setdefault(label, set())
+        if old and new not in old:
+            values = json.loads(new)
+            differ = [k for k in values if any(json.loads(o).get(k) != values[k] for o in old)]
+            method = f"{row.get('method', label)}:" + ",".join(
+                f"{k}={json.dumps(values[k], separators=(',', ':'))}" for k in differ
+            )
+            raise InputError(
+                f"{self.plan.out} holds {label!r} lines edited with other hyper-parameters than "
+                f"this run's ({hparams_diff(old, {new})}: a default changed?); resuming would "
+                "mix the two in one row of the table. Use another --out, or give the new values "
+                f"as their own method (e.g. --method '{method}'), which is a new label"
+            )
+        old.add(new)
 
     def sync(self) -> None:
         """Make the lines written so far durable (end of a group)."""
