@@ -238,18 +238,8 @@ def test_resume_refuses_lines_edited_with_other_hparams(tiny, tmp_path: Path, mo
     }
     # one shard of a job is checked against the lines of the others too
     sharded = tmp_path / "sharded"
-    monkeypatch.setitem(EDITORS, "test-random", _RandomFF2Edit)
-    evaluate(
-        tiny,
-        records,
-        ["test-random"],
-        sharded,
-        settings=SETTINGS,
-        progress=False,
-        shard=Shard(1, 2),
-    )
-    monkeypatch.setitem(EDITORS, "test-random", _RandomFF2EditNewDefault)
-    with pytest.raises(InputError, match="a default changed"):
+
+    def run_shard(k: int) -> None:
         evaluate(
             tiny,
             records,
@@ -257,8 +247,14 @@ def test_resume_refuses_lines_edited_with_other_hparams(tiny, tmp_path: Path, mo
             sharded,
             settings=SETTINGS,
             progress=False,
-            shard=Shard(0, 2),
+            shard=Shard(k, 2),
         )
+
+    monkeypatch.setitem(EDITORS, "test-random", _RandomFF2Edit)
+    run_shard(1)
+    monkeypatch.setitem(EDITORS, "test-random", _RandomFF2EditNewDefault)
+    with pytest.raises(InputError, match="a default changed"):
+        run_shard(0)
     rows = read_results(sharded)  # shard 1's group (records 2 and 3) only, as it wrote them
     assert [(r["case_id"], r["hparams"]["scale"]) for r in rows] == [(2, 0.5), (3, 0.5)]
 
