@@ -26,7 +26,7 @@ from backward_lens.evaluation.methods import MethodSpec, as_specs
 from backward_lens.evaluation.records import record_keys
 from backward_lens.evaluation.settings import EvalSettings
 from backward_lens.io import dumps, read_jsonl
-from backward_lens.runfolder import RunFolder
+from backward_lens.runfolder import RunFolder, differing_keys
 from backward_lens.schema import result_line
 
 log = logging.getLogger(__name__)
@@ -333,10 +333,9 @@ def plan_run(
         for i in group
     ]
     reused = sum(1 for k in done if k[0] in labels)
-    lines: dict[str, list[dict[str, Any]]] = {}
+    recorded: dict[str, set[str]] = {}
     for row in results_folder(out).read_all_rows():
-        lines.setdefault(str(row["label"]), []).append(row)
-    recorded = {label: distinct_hparams(rows) for label, rows in lines.items()}
+        recorded.setdefault(str(row["label"]), set()).update(distinct_hparams([row]))
     return RunPlan(
         specs, settings, out, results_path, keys, duplicates, done, todo, shard, reused, recorded
     )
@@ -387,7 +386,7 @@ class ResultWriter:
         old = self.plan.recorded.setdefault(label, set())
         if old and new not in old:
             values = json.loads(new)
-            differ = [k for k in values if any(json.loads(o).get(k) != values[k] for o in old)]
+            differ = dict.fromkeys(k for o in old for k in differing_keys(values, json.loads(o)))
             method = f"{row.get('method', label)}:" + ",".join(
                 f"{k}={json.dumps(values[k], separators=(',', ':'))}" for k in differ
             )
