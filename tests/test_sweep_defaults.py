@@ -67,7 +67,8 @@ def test_committed_sweeps_measured_fluency_everywhere(model: str) -> None:
 
 @pytest.mark.parametrize(
     ("model", "folder"),
-    [("smollm2-135m", "memit-lambda-smollm2"), ("gemma3-270m", "memit-lambda-gemma3")],
+    # (SmolLM2's first sweep, memit-lambda-smollm2, ran at the one-sample trace's layers 0-4)
+    [("smollm2-135m", "memit-lambda-smollm2-layers15"), ("gemma3-270m", "memit-lambda-gemma3")],
 )
 def test_memit_weight_default_is_what_the_committed_sweep_implies(model: str, folder: str) -> None:
     """Each model's MEMIT lambda is the rule's choice over its committed lambda sweep.

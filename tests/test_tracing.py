@@ -13,7 +13,7 @@ import torch
 from backward_lens.batching import Hooks, model_inputs, pad_batch, pad_id
 from backward_lens.cli import main
 from backward_lens.editing.defaults import MODEL_DEFAULTS
-from backward_lens.errors import InputError
+from backward_lens.errors import DataError, InputError
 from backward_lens.tracing import (
     Restoration,
     TraceConfig,
@@ -231,6 +231,38 @@ def test_run_folder_resumes_and_summarises(tmp_path: Path) -> None:
                   known_only=False, progress=False)  # fmt: skip
 
 
+def test_a_resumed_run_adds_kinds_as_if_traced_at_once(tmp_path: Path) -> None:
+    lm = tiny()
+    data = write_facts(tmp_path / "facts.jsonl", 3)
+
+    def trace(out: Path, kinds: tuple[str, ...], model: Any = lm) -> Any:
+        cfg = TraceConfig(samples=2, window=2, kinds=kinds)
+        return run_trace(data, model=model, n=2, out=out, config=cfg, known_only=False,
+                         progress=False)  # fmt: skip
+
+    once = trace(tmp_path / "once", ("hidden", "mlp"))
+    out = tmp_path / "split"
+    trace(out, ("mlp",))
+    figure = next((out / "records").glob("*.png"))
+    drawn = figure.read_bytes()
+    split = trace(out, ("hidden",))  # the folder's kinds become hidden + mlp
+    # the same noise, batches and rounding: equal to the last digit
+    assert split.summary["averages"] == once.summary["averages"]
+    assert split.summary["peak"] == once.summary["peak"] and split.summary["chosen"]
+    assert split.summary["run"]["kinds"] == ["hidden", "mlp"]
+    lines = (out / "raw.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # two mlp rows, then the same two with hidden added
+    assert figure.read_bytes() != drawn  # the heatmaps are redrawn with the new kind
+    # nothing is missing now: nothing is traced (a model that cannot be loaded is not loaded)
+    assert trace(out, ("mlp",), model=lm.name).summary["averages"] == once.summary["averages"]
+    # a row that no longer matches its record (another tokenizer under the same name) is refused
+    rows = [json.loads(line) for line in lines[2:]]
+    rows[0]["values"]["ids"][-1] += 1
+    (out / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="tokenises differently"):
+        trace(out, ("attn",))
+
+
 def test_cli_refuses_missing_data_in_one_line(tmp_path: Path, capsys: Any) -> None:
     assert main(["trace", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
@@ -262,10 +294,14 @@ def test_layer_support_by_hand() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "folder"), [("smollm2-135m", "tracing-smollm2"), ("gemma3-270m", "tracing-gemma3")]
+    ("model", "folder"),
+    # SmolLM2: ROME's 10 noise samples; Gemma-3: one sample (its 10-sample trace: the next test)
+    [("smollm2-135m", "tracing-smollm2-samples10"), ("gemma3-270m", "tracing-gemma3")],
 )
 def test_defaults_are_what_the_committed_traces_imply(model: str, folder: str) -> None:
     summary = json.loads((RESULTS / folder / "summary.json").read_text())
+    if model == "smollm2-135m":
+        assert summary["run"]["samples"] == 10
     curve = summary["averages"]["mlp"]["last_subject"]
     chosen = chosen_layers(curve)
     assert chosen["rome"] == summary["peak"]["mlp"]

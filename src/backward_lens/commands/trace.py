@@ -30,8 +30,9 @@ token = the true object's first token) are traced, as in ROME. The run folder ho
 layer of each kind at the subject's last token and the ROME / MEMIT layers it implies),
 averages.csv, averages.png (average indirect effect by ROME's token segments) and
 records/<key>.png (three heatmaps per record). A run folder is resumed by default (--resume
-says so explicitly): running again with a larger --records extends it; --fresh discards its rows
-to start again.
+says so explicitly): running again with a larger --records extends it, and with more --kinds
+adds them to every traced record (the same noise: as if traced at once); --fresh discards its
+rows to start again.
 
 On a shared machine run with OMP_NUM_THREADS=1 or 2. Cost per record grows with tokens x
 layers^2 x --samples; ROME uses 10 samples, --samples 1-3 is a CPU budget.

@@ -45,19 +45,25 @@ MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         # rule the sweep had picked layer 22, eta 0.35 (docs/results/evaluation-smollm2:
         # efficacy 87.5 %; on 1000 records entropy 562 vs 607 unedited, -7.4 %)
         "shift": {"layer": 21, "eta": 0.35},
-        # causal tracing, docs/results/tracing-smollm2 (48 known_1000 facts the model predicts,
-        # 1 noise sample, window 10): the MLP's average indirect effect at the last subject token
-        # peaks at layer 2 (0.0502; layer 3: 0.0497, a plateau over layers 0-5 and a second bump
-        # at 9-11, 0.04), layers 0-4 have the highest mean (0.043); were ROME 6, MEMIT 3-7 (the
-        # paper's relative depth; layer 6 is a dip of this curve, 0.019)
-        "rome": {"layer": 2},
-        # lambda: `evaluation.sweep.editor_sweep` on 16 counterfact-val records, single edits at
-        # layers 0-4, fluency on 4 (docs/results/memit-lambda-smollm2): lambda 100 and 1000 both
-        # give efficacy 100 %, paraphrase 43.8 %, neighbourhood score 75 % (as unedited) and
-        # keep fluency (entropy 608 / 606 vs 633); 10000: efficacy 81 %, entropy 566 (rejected);
-        # 20000 (MEMIT's GPT-2 xl value, the default before): efficacy 44 %. The rule breaks the
-        # 100 / 1000 tie by grid order
-        "memit": {"layers": [0, 1, 2, 3, 4], "mom2_update_weight": 100.0},
+        # causal tracing with ROME's 10 noise samples, docs/results/tracing-smollm2-samples10
+        # (48 known_1000 facts the model predicts, window 10): the MLP's average indirect effect
+        # at the last subject token peaks at layer 3 (0.0674), a plateau over 3-5 (0.0662,
+        # 0.0669) before a drop at 6 (0.034); layers 1-5 have the highest mean (0.0624; 0-4:
+        # 0.0591). Bootstrap resamples pick layer 3 in 46 % (5: 35 %, 4: 16 %) and 1-5 in 88 %.
+        # History: the one-sample trace (docs/results/tracing-smollm2) had picked layer 2 and
+        # 0-4 (0.0502 against 0.0497 at layer 3; support 27 % and 35 %), the layers of the
+        # table's first ROME and MEMIT rows; before tracing, ROME 6 and MEMIT 3-7 (the paper's
+        # relative depth; layer 6 is a dip of both curves)
+        "rome": {"layer": 3},
+        # lambda: `backward-lens sweep --method memit --fixed layers=[1,2,3,4,5]` on 16
+        # counterfact-val records, single edits, fluency on 4
+        # (docs/results/memit-lambda-smollm2-layers15): lambda 100 and 1000 both edit every
+        # record (paraphrase 31.2 %, neighbourhood score 75 %, as unedited); 100 lowers the
+        # entropy of the 4 fluency records' texts to 558 (bound 601; 632.8 unedited) and is
+        # rejected, 1000 keeps it (616); 10000: efficacy 56 %; 20000 (MEMIT's GPT-2 xl value):
+        # 31 %. History: at the one-sample trace's layers 0-4 the same sweep had picked 100
+        # (docs/results/memit-lambda-smollm2)
+        "memit": {"layers": [1, 2, 3, 4, 5], "mom2_update_weight": 1000.0},
         "ft-early": {"layer": 0},
         "ft-late": {"layer": 21},
     },

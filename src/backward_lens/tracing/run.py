@@ -9,7 +9,8 @@ Output folder:
 - ``raw.jsonl``     one line per record looked at, appended and flushed when done (the study's
   ``raw.jsonl`` rules: a resumed run skips every key already there, a torn last line is dropped):
   ``{"key", "case_id", "status": "ok", "seconds", "values": RecordTrace}`` or ``{"status":
-  "skipped", "reason", "error"}``; ``raw.jsonl.gz`` (a compressed copy, for committing) is read too;
+  "skipped", "reason", "error"}``; ``raw.jsonl.gz`` (a compressed copy, for committing) is read too,
+  and a later line of a key supersedes an earlier one (a record given more kinds, below);
 - ``summary.json`` / ``summary.md``   the averages by ROME's token segments, the peak layer of
   each kind at the subject's last token, the ROME / MEMIT layers they imply, and how often a
   bootstrap resample of the records picks each (``support``, :func:`layer_support`);
@@ -20,6 +21,12 @@ Output folder:
 Records are visited in a seeded random order of the whole file; with ``known_only`` (ROME's
 ``correct_prediction`` filter) a record whose clean top-1 token is not the true object's first
 token is skipped (one clean forward pass) and the next one is taken, until ``n`` are traced.
+
+A resumed run may ask for more kinds than the folder holds (e.g. ``mlp`` first, the kind the layer
+choice reads, then ``hidden,attn`` for the figures): the folder's kinds become the union, and each
+traced record gets the missing kinds, appended as a new line that carries the old kinds' values.
+A record's noise is drawn once from the noise seed, whatever the kinds, so the result equals a run
+that traced every kind at once.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ import gzip
 import json
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +167,10 @@ def run_folder(out: Path) -> RunFolder:
 
 
 def _read_rows(folder: RunFolder) -> list[dict[str, Any]]:
-    """Rows of ``raw.jsonl.gz`` (if any) then ``raw.jsonl``; a key seen twice keeps the first."""
+    """Rows of ``raw.jsonl.gz`` (if any) then ``raw.jsonl``; a key seen twice keeps the last.
+
+    A key's later line is the same record with more kinds traced (:func:`_add_kinds`).
+    """
     rows: list[dict[str, Any]] = []
     gz = folder.path / (RAW + ".gz")
     if gz.is_file():
@@ -170,13 +180,7 @@ def _read_rows(folder: RunFolder) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             raise DataError(f"{gz} is damaged; move it aside and re-run") from None
     rows += folder.read_rows()
-    seen: set[str] = set()
-    unique = []
-    for row in rows:
-        if row["key"] not in seen:
-            seen.add(row["key"])
-            unique.append(row)
-    return unique
+    return list({row["key"]: row for row in rows}.values())
 
 
 def run_trace(
@@ -201,7 +205,8 @@ def run_trace(
         records: records to use instead of ``data``.
         n: records to trace.
         seed: seed of the order in which records are visited.
-        out: the run folder (resumed if it holds the same run).
+        out: the run folder (resumed if it holds the same run; kinds it lacks are added to its
+            traced records).
         config: tracing knobs (samples, window, noise factor, kinds).
         known_only: skip records whose clean top-1 token is not the true object (ROME).
         record_figures: draw ``records/<key>.png`` for every traced record.
@@ -240,15 +245,21 @@ def run_trace(
     rows = [] if fresh else _read_rows(folder)
     stored = previous if rows else None  # the config rows are added to, if any
     advice = "choose another --out, or pass --fresh to overwrite it"
-    if stored is not None:  # more records may be asked for: "records" may differ
-        folder.check_config(run, stored.get("run", {}), ignore=("records",), advice=advice)
+    if stored is not None:  # more records or kinds may be asked for
+        folder.check_config(run, stored.get("run", {}), ignore=("records", "kinds"), advice=advice)
+        had = stored.get("run", {}).get("kinds", [])
+        config = replace(config, kinds=tuple(k for k in KINDS if k in config.kinds or k in had))
+        run["kinds"] = list(config.kinds)
     keys = [str(records[i].case_id) for i in order]
     if len(set(keys)) != len(keys):
         keys = [f"{i}:{records[i].case_id}" for i in order]
     done = {r["key"] for r in rows}
     n_ok = sum(r["status"] == "ok" for r in rows)
+    by_key = {r["key"]: r for r in rows}
+    used = [r for k in keys if (r := by_key.get(k)) and r["status"] == "ok"][:n]
+    lacking = [r for r in used if any(k not in r["values"]["scores"] for k in config.kinds)]
     noise_std = (previous or {}).get("noise_std") if rows else None
-    if n_ok < n and any(k not in done for k in keys):
+    if (n_ok < n and any(k not in done for k in keys)) or lacking:
         lm = model if isinstance(model, LensModel) else load_model(model)
         facts = model_facts(lm)
         if stored is not None:  # the loaded model's dtype (stored facts without one: not compared)
@@ -260,13 +271,66 @@ def run_trace(
         if noise_std is None:
             noise_std = embedding_std(lm, [(r.prompt, r.subject) for r in records])
         folder.write_config({"run": run, "noise_std": noise_std, "facts": facts})
+        index = dict(zip(keys, order, strict=True))
         with folder.writer() as writer:
+            _add_kinds(lm, records, index, lacking, writer, config, noise_std, progress)
             _trace_pending(lm, records, order, keys, done, n - n_ok, writer, config, noise_std,
                            known_only, progress)  # fmt: skip
         rows = _read_rows(folder)
     elif previous is None:
         raise InputError(f"{out} has nothing to trace and no config.json; pass --fresh")
-    return finish(out, rows, keys, n, record_figures)
+    return finish(out, rows, keys, n, record_figures, redraw={r["key"] for r in lacking})
+
+
+def _append(writer: RowWriter, row: dict[str, Any]) -> None:
+    """Append one line and make it durable at once."""
+    writer.write(clean_json(row))
+    writer.sync()
+
+
+def _add_kinds(
+    lm: LensModel,
+    records: Sequence[FactRecord],
+    index: dict[str, int],
+    rows: Sequence[dict[str, Any]],
+    writer: RowWriter,
+    config: TraceConfig,
+    noise_std: float,
+    progress: bool,
+) -> None:
+    """Trace the kinds of ``config`` that each traced row lacks; append the merged rows.
+
+    ``index`` maps a row's key to its record in ``records``. The record's noise is drawn from the
+    same seed as before, so the new kinds' scores are those an all-kinds run would have had.
+
+    Raises:
+        DataError: the prompt now tokenises differently from the stored row (another tokenizer
+            or data file under the same name).
+    """
+    from tqdm.auto import tqdm
+
+    for row in tqdm(rows, desc="adding kinds", unit="record", disable=not progress):
+        old = row["values"]
+        missing = tuple(k for k in config.kinds if k not in old["scores"])
+        record = records[index[row["key"]]]
+        t0 = time.perf_counter()
+        trace = trace_prompt(
+            lm,
+            record.prompt,
+            record.subject,
+            old["target"],
+            config.noise_factor * noise_std,
+            replace(config, kinds=missing),
+        )
+        if trace is None or trace.ids != old["ids"]:
+            raise DataError(
+                f"record {row['key']} now tokenises differently from its row in raw.jsonl; "
+                "trace into a new --out"
+            )
+        scores = {**old["scores"], **trace.to_dict()["scores"]}
+        values = {**old, "scores": {k: scores[k] for k in KINDS if k in scores}}
+        seconds = round(row["seconds"] + time.perf_counter() - t0, 3)
+        _append(writer, {**row, "seconds": seconds, "values": values})
 
 
 def _trace_pending(
@@ -289,8 +353,7 @@ def _trace_pending(
     from tqdm.auto import tqdm
 
     def append(row: dict[str, Any]) -> None:
-        writer.write(clean_json(row))
-        writer.sync()
+        _append(writer, row)
 
     bar = tqdm(total=wanted, desc="causal tracing", unit="record", disable=not progress)
     traced = 0
@@ -407,11 +470,17 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def finish(
-    out: Path, rows: list[dict[str, Any]], keys: Sequence[str], n: int, record_figures: bool
+    out: Path,
+    rows: list[dict[str, Any]],
+    keys: Sequence[str],
+    n: int,
+    record_figures: bool,
+    redraw: Collection[str] = (),
 ) -> TraceResult:
     """Aggregate the traced rows and write the summary and figures.
 
-    The first ``n`` traced rows in visiting order are aggregated.
+    The first ``n`` traced rows in visiting order are aggregated. A record's figure is drawn
+    when missing, or again when its key is in ``redraw`` (kinds were added).
     """
     from backward_lens.tracing.figures import averages_png, record_png
 
@@ -456,7 +525,7 @@ def finish(
         for r in ok:
             name = "".join(c if c.isalnum() or c in "-_" else "_" for c in r["key"])
             path = folder / f"{name}.png"
-            if not path.exists():
+            if not path.exists() or r["key"] in redraw:
                 atomic_write_bytes(path, record_png(r["values"], model))
     return TraceResult(out, summary, len(ok), skipped)
 
