@@ -28,6 +28,8 @@ RUNS = {
     "runs/table-smollm2-300": "evaluation-smollm2-baselines",
     "runs/evaluation-smollm2-new-defaults": "evaluation-smollm2-new-defaults",
     "runs/evaluation-smollm2": "evaluation-smollm2",
+    "runs/table-smollm2-rome3": "evaluation-smollm2-rome3",
+    "runs/table-smollm2-memit15": "evaluation-smollm2-memit15",
 }
 
 
