@@ -355,6 +355,8 @@ def _trace_pending(
     def append(row: dict[str, Any]) -> None:
         _append(writer, row)
 
+    if wanted <= 0:  # only kinds were added: no empty progress bar
+        return
     bar = tqdm(total=wanted, desc="causal tracing", unit="record", disable=not progress)
     traced = 0
     try:
