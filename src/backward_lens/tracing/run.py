@@ -352,9 +352,6 @@ def _trace_pending(
     """
     from tqdm.auto import tqdm
 
-    def append(row: dict[str, Any]) -> None:
-        _append(writer, row)
-
     if wanted <= 0:  # only kinds were added: no empty progress bar
         return
     bar = tqdm(total=wanted, desc="causal tracing", unit="record", disable=not progress)
@@ -386,16 +383,19 @@ def _trace_pending(
                     lm.tokenizer, record.prompt.rstrip(), record.subject, trace.ids
                 )
             except _Unknown:
-                append(_skip_row(key, record, "model does not predict the true object", ""))
+                _append(
+                    writer, _skip_row(key, record, "model does not predict the true object", "")
+                )
                 continue
             except Exception as exc:  # a bad record is skipped and counted, never fatal
-                append(_skip_row(key, record, skip_reason(exc), str(exc)))
+                _append(writer, _skip_row(key, record, skip_reason(exc), str(exc)))
                 continue
             values = trace.to_dict()
             values["prompt"] = record.prompt
             values["subject_text"] = record.subject
             values["segments"] = seg.positions
-            append(
+            _append(
+                writer,
                 {
                     "key": key,
                     "case_id": record.case_id,
