@@ -30,6 +30,7 @@ RUNS = {
     "runs/evaluation-smollm2": "evaluation-smollm2",
     "runs/table-smollm2-rome3": "evaluation-smollm2-rome3",
     "runs/table-smollm2-memit15": "evaluation-smollm2-memit15",
+    "runs/table-smollm2-memit15-l5000": "evaluation-smollm2-memit15-l5000",
 }
 
 
