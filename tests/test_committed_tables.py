@@ -25,6 +25,7 @@ RUNS = {
     # the run folder a table names -> where its gzipped shards are committed
     "runs/table-gemma3": "evaluation-gemma3-baselines",
     "runs/table-gemma3-shift040": "evaluation-gemma3-shift040",
+    "runs/table-gemma3-memit-l15000": "evaluation-gemma3-memit-l15000",
     "runs/table-smollm2-300": "evaluation-smollm2-baselines",
     "runs/evaluation-smollm2-new-defaults": "evaluation-smollm2-new-defaults",
     "runs/evaluation-smollm2": "evaluation-smollm2",
@@ -49,7 +50,8 @@ TABLES = sorted(p.name for p in RESULTS.glob("table-*") if (p / "combined.json")
 
 def test_the_tables_are_found() -> None:
     """The glob below sees the committed tables (an empty parametrisation would test nothing)."""
-    assert {"table-gemma3-same-records", "table-smollm2-same-records"} <= set(TABLES)
+    names = ("same-records", "current-defaults")
+    assert {f"table-{m}-{n}" for m in ("gemma3", "smollm2") for n in names} <= set(TABLES)
 
 
 @pytest.mark.parametrize("table", TABLES)

@@ -83,7 +83,7 @@ Examples:
   backward-lens sweep --model smollm2-135m --data counterfact-val.json --records 64 \\
       --layers 9-27:3 --etas 0.3,0.6,0.9,1.2,1.8 --out runs/sweep-smollm2
   backward-lens sweep --method memit --hparam mom2_update_weight=100,1000,10000,20000 \\
-      --data counterfact-val.json --records 16 --fluency-records 4 --out runs/memit-lambda
+      --data counterfact-val.json --records 16 --fluency-records 16 --out runs/memit-lambda
 """.replace("EDITOR_NAMES", ", ".join(EDITORS))
 
 
